@@ -1,0 +1,17 @@
+"""The project's exceptions: every error raised on purpose derives from Clamp3LoraError."""
+
+
+class Clamp3LoraError(Exception):
+    """Base of the errors this project raises on purpose."""
+
+
+class MusicFormatError(Clamp3LoraError, ValueError):
+    """Music text or a music file that cannot become patches (the message names the file)."""
+
+
+class CheckpointError(Clamp3LoraError):
+    """A model or training checkpoint that does not fit (keys, sizes, corruption; names the file)."""
+
+
+class DataError(Clamp3LoraError):
+    """A data file problem that stops a run (names the file, and the line where there is one)."""

@@ -1,0 +1,118 @@
+"""Every setting of the trainer, with its default. Each field is also a command-line flag.
+
+`python train_clamp3_lora.py --help` lists them; the text after each field here is its help.
+`--demo` swaps in the bundled demo set-up (see `demo_overrides`).
+"""
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    # --- model -------------------------------------------------------------------------------
+    weights: str = "code/weights/clamp3_saas_h_size_768_lr_5e-05_batch_size_128_p_size_64_p_length_512_t_length_128_resumed_epoch_30.pth"
+    """Official CLaMP 3 checkpoint (.pth with a "model" state dict)."""
+    text_model: str = "FacebookAI/xlm-roberta-base"
+    """Hub id or local folder of the XLM-R tokenizer and config (weights come from --weights)."""
+    preset: str = ""
+    """Build a random model of this preset instead of loading --weights ("tiny"); for tests and the demo."""
+
+    # --- what to train -----------------------------------------------------------------------
+    stages: str = "abc,mtf"
+    """Stages to run, in order, comma-separated: abc, mtf."""
+    abc_train: str = "data/abc_train.jsonl"
+    """ABC training data (JSON Lines)."""
+    abc_eval: str = "data/abc_eval.jsonl"
+    """ABC validation data (JSON Lines)."""
+    mtf_train: str = "data/mtf_train.jsonl"
+    """MTF training data (JSON Lines; .mid/.midi files are converted on the fly)."""
+    mtf_eval: str = "data/mtf_eval.jsonl"
+    """MTF validation data (JSON Lines)."""
+    output_dir: str = "code"
+    """Root of the outputs: adapters go to OUTPUT_DIR/adapters, logs and checkpoints to OUTPUT_DIR/logs/lora."""
+    demo: bool = False
+    """Run both stages on the bundled demo data with the tiny preset and bundled tokenizer (offline)."""
+
+    # --- LoRA --------------------------------------------------------------------------------
+    lora_r: int = 4
+    """LoRA rank."""
+    lora_alpha: int = 8
+    """LoRA alpha (scaling = alpha / r)."""
+    lora_dropout: float = 0.1
+    """Dropout on the LoRA input."""
+    lora_targets: str = "query,key,value"
+    """Comma-separated module names of the symbolic BERT that get LoRA."""
+
+    # --- optimisation ------------------------------------------------------------------------
+    epochs: int = 10
+    """Epochs per stage."""
+    batch_size: int = 32
+    """Samples per optimizer micro-step on each GPU."""
+    grad_accum: int = 1
+    """Micro-steps accumulated per optimizer step."""
+    lr: float = 1e-4
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_steps: int = 100
+    """Linear warm-up length in optimizer steps."""
+    schedule: str = "cosine"
+    """Learning-rate schedule after warm-up: cosine or constant."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables clipping)."""
+    precision: str = "bf16"
+    """Autocast precision on the GPU: bf16, fp16 (with a GradScaler) or fp32."""
+    seed: int = 0
+    """Seed of the data order, augmentations and LoRA initialisation."""
+
+    # --- data --------------------------------------------------------------------------------
+    max_patches: int = 512
+    """Patches per piece (longer pieces: random window in training, head in evaluation)."""
+    max_text_tokens: int = 128
+    """Tokens per text (longer texts: random window in training, head in evaluation)."""
+    instrument_removal_prob: float = 0.9
+    """Probability of removing instrument names from a training piece."""
+    num_workers: int = 4
+    """DataLoader worker processes."""
+    bad_record_limit: float = 0.05
+    """Abort when more than this share of a data file's records is bad."""
+
+    # --- evaluation and checkpoints ----------------------------------------------------------
+    best_metric: str = "eval_loss"
+    """Metric that picks the best adapter: eval_loss (lower is better) or one of t2m_mrr, m2t_mrr,
+    t2m_hit@1, t2m_hit@5, t2m_hit@10, m2t_hit@1, m2t_hit@5, m2t_hit@10 (higher is better)."""
+    checkpoints_per_epoch: int = 10
+    """Periodic checkpoints per epoch (0 disables them)."""
+    keep_epoch_checkpoints: int = 3
+    """Epoch checkpoints kept per stage; older ones are deleted."""
+    resume: str = ""
+    """"auto" continues from the newest valid checkpoint; a path resumes from that checkpoint."""
+
+    # --- guards and hardware -----------------------------------------------------------------
+    max_bad_steps_in_row: int = 10
+    """Abort (with an emergency checkpoint) after this many skipped batches in a row (OOM or NaN/Inf)."""
+    device: str = "cuda"
+    """cuda (default; fails without a GPU) or cpu (explicit opt-in)."""
+    fault_inject: str = ""
+    """Test hook: comma-separated faults "KIND@STEP[:RANK]" with KIND oom or nan, STEP the global
+    micro-step counted from 0 in the stage; also read from CLAMP3_LORA_FAULTS."""
+    dist_timeout_s: int = 1800
+    """Timeout of collective operations under torchrun, in seconds."""
+
+
+def demo_overrides():
+    """Settings that --demo applies over the defaults (explicit flags still win)."""
+    return dict(
+        preset="tiny",
+        text_model="demo/tokenizer",
+        abc_train="demo/abc_train.jsonl",
+        abc_eval="demo/abc_eval.jsonl",
+        mtf_train="demo/mtf_train.jsonl",
+        mtf_eval="demo/mtf_eval.jsonl",
+        epochs=2,
+        batch_size=16,
+        warmup_steps=5,
+        lr=1e-3,
+        max_patches=256,
+        num_workers=0,
+        checkpoints_per_epoch=2,
+    )
