@@ -5,6 +5,10 @@ from pathlib import Path
 
 import pytest
 
+# Tests never touch the network: the Hugging Face hub is off for them and their subprocesses.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(os.environ.get("GOLDEN_DIR", ROOT.parent / "shared" / "golden"))
 
