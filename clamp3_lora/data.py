@@ -1,0 +1,579 @@
+"""Data: JSON Lines files -> checked records -> training/evaluation samples -> padded batches.
+
+The path of a piece of data through this module:
+
+1. `scan_data_file(path)` reads a JSON Lines file once, up front. Every record is parsed, its schema
+   detected (CLaMP 3: `filepaths` + text fields; MidiCaps: `location`/`music` + `caption`/`description`),
+   its music file(s) read and cut into patches once. Bad records are skipped and counted by reason;
+   too many of them stop the run with a `DataError` before any training. What is left are small
+   `Record`s (line number, music paths, text fields, translations).
+2. `MusicTextDataset(records, tokenizer, train)[key]` turns one record into one sample. In training
+   the key is `(index, sample_seed)` and every random choice of the sample (file, text dropout, text
+   window, instrument-name removal, patch window) is drawn from `random.Random(sample_seed)`, so the
+   same key gives the same sample in any worker and after a resume.
+3. `collate` pads a list of samples to the batch's longest piece and longest text.
+4. `make_loader` wraps it all in a `torch.utils.data.DataLoader` with worker processes and pinned
+   memory; the sampler (e.g. `distributed.ResumableSampler`, or `SequentialKeys` for evaluation)
+   yields the keys.
+"""
+import functools
+import json
+import operator
+import os
+import random
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from .errors import DataError, MusicFormatError
+from .mtf import read_music
+from .patches import BOS_ID, EOS_ID, patchify, remove_instrument_info
+
+REASONS = ("invalid_json", "not_object", "no_music_path", "no_text", "missing_file",
+           "unreadable_file", "empty_file", "no_patches")
+"""Why a record is skipped, in the order they are reported."""
+
+NON_TEXT_FIELDS = frozenset({"filepaths", "id", "translations", "location", "music"})
+"""Fields of a record that are never text candidates."""
+
+EVAL_TEXT_FIELDS = ("analysis", "caption", "description")
+"""The field that gives a record's evaluation text: the first of these that is present."""
+
+POOL_MIN_FILES = 256
+"""With workers=None, files are checked in a process pool only when there are at least this many."""
+
+SHOWN_BAD_RECORDS = 5
+"""How many `file:line: reason` lines a DataError or a summary shows."""
+
+
+# --------------------------------------------------------------------------------------------
+# Records and the scan
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """A skipped record (or a dropped path of a kept one): where it is, why, and the details."""
+    path: str
+    line: int
+    reason: str
+    detail: str = ""
+
+    def __str__(self):
+        return f"{self.path}:{self.line}: {self.reason}" + (f" ({self.detail})" if self.detail else "")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One usable record of a data file.
+
+    `paths` are absolute music file paths (a CLaMP 3 record may have several; training picks one at
+    random, evaluation the first). `texts` maps each text field to its text (lists of strings joined
+    by ", "); `translations` maps each translated field to its text, `language` is the translations'
+    language (or None).
+    """
+    source: str
+    line: int
+    paths: tuple
+    texts: dict
+    translations: dict = field(default_factory=dict)
+    language: str = None
+    schema: str = "clamp3"
+
+    @property
+    def where(self):
+        """`data_file:line` of the record, for messages."""
+        return f"{self.source}:{self.line}"
+
+
+@dataclass
+class ScanResult:
+    """What `scan_data_file` found: the usable records, the bad ones, and paths dropped from
+    multi-path records that were kept."""
+    path: str
+    records: list
+    bad: list
+    dropped_paths: list
+    total: int
+    """Non-blank lines of the data file (records, good or bad)."""
+
+    @property
+    def counts(self):
+        """Bad records per reason (only reasons that occur, in REASONS order)."""
+        return _count_reasons(self.bad)
+
+    @property
+    def dropped_counts(self):
+        """Dropped paths of kept multi-path records, per reason."""
+        return _count_reasons(self.dropped_paths)
+
+    @property
+    def bad_share(self):
+        """Bad records / all records (0 for an empty file)."""
+        return len(self.bad) / self.total if self.total else 0.0
+
+    def summary(self, show=SHOWN_BAD_RECORDS):
+        """A few lines for the preflight and the stage summary: counts, then the first `show` bad
+        records as `file:line: reason (detail)`."""
+        head = (f"{self.path}: {len(self.records)} of {self.total} records usable, "
+                f"{len(self.bad)} bad ({self.bad_share:.1%})")
+        if self.bad:
+            head += ": " + _format_counts(self.counts)
+        if self.dropped_paths:
+            head += (f"; {len(self.dropped_paths)} bad paths dropped from multi-path records "
+                     f"({_format_counts(self.dropped_counts)})")
+        lines = [head] + [f"  {bad}" for bad in self.bad[:show]]
+        if len(self.bad) > show:
+            lines.append(f"  ... and {len(self.bad) - show} more")
+        return "\n".join(lines)
+
+
+def scan_data_file(path, limit=0.05, check_music=True, progress=False, workers=None,
+                   max_patches=512):
+    """Read and check a JSON Lines data file; return its usable records.
+
+    Each non-blank line must be a JSON object of the CLaMP 3 schema (`filepaths` + text fields,
+    optional `translations`) or the MidiCaps schema (`location` or `music` + `caption` or
+    `description`). Relative music paths resolve against the data file's folder.
+
+    With `check_music` every music file is read (MIDI converted to MTF) and cut into patches once,
+    so that unreadable, binary, empty and patch-less files are caught here and nothing is ever
+    trained on a placeholder; without it only existence and size are checked. Files are checked in
+    a process pool of `workers` processes (None: all cores, up to 16, when there are at least
+    POOL_MIN_FILES files; 0 or 1: in this process), with a tqdm bar when `progress`.
+
+    A CLaMP 3 record with several paths keeps its good paths (the bad ones are counted in
+    `ScanResult.dropped_paths`) and is bad only when none is good.
+
+    Raises DataError when the file is missing, has no records, has no usable record, or when the
+    share of bad records is greater than `limit` (the `--bad-record-limit` setting); in the last two
+    cases the error's `scan` attribute holds the ScanResult (for the preflight's report).
+    """
+    path = os.fspath(path)
+    if not 0.0 <= limit <= 1.0:
+        raise ValueError(f"the bad-record limit must be a share between 0 and 1, got {limit}")
+    if not os.path.exists(path):
+        raise DataError(f"data file not found: {path}")
+    if not os.path.isfile(path):
+        raise DataError(f"data file is not a regular file: {path}")
+
+    pending, bad, total = _parse_file(path)
+    unique_paths = list(dict.fromkeys(p for record in pending for p in record.paths))
+    checks = _check_files(unique_paths, check_music, max_patches, workers, progress,
+                          desc=f"checking {os.path.basename(path)}")
+
+    records, dropped = [], []
+    for record in pending:
+        good = tuple(p for p in record.paths if checks[p][0] is None)
+        failed = [(p, checks[p]) for p in record.paths if checks[p][0] is not None]
+        if good:
+            records.append(replace(record, paths=good))
+            dropped.extend(BadRecord(path, record.line, reason, detail) for _, (reason, detail) in failed)
+        else:
+            reason, detail = failed[0][1]
+            if len(failed) > 1:
+                detail += f"; and {len(failed) - 1} more paths, all bad"
+            bad.append(BadRecord(path, record.line, reason, detail))
+    bad.sort(key=lambda b: b.line)
+
+    result = ScanResult(path=path, records=records, bad=bad, dropped_paths=dropped, total=total)
+    if total == 0:
+        raise DataError(f"data file has no records: {path}")
+    if result.bad_share > limit:
+        error = DataError(_limit_message(result, limit))
+        error.scan = result
+        raise error
+    if not records:
+        error = DataError(f"no usable record in {path}:\n{result.summary()}")
+        error.scan = result
+        raise error
+    return result
+
+
+def check_music_file(path, read=True, max_patches=512):
+    """Check one music file: `(None, "")` when it is usable, else `(reason, detail)`.
+
+    Without `read`, only existence, type and size are checked. With it, the file is read (a MIDI
+    file converted to MTF) and cut into patches. Top-level so that a process pool can run it.
+    """
+    if not os.path.exists(path):
+        return "missing_file", f"music file not found: {path}"
+    if not os.path.isfile(path):
+        return "unreadable_file", f"not a regular file: {path}"
+    try:
+        size = os.path.getsize(path)
+    except OSError as error:
+        return "unreadable_file", f"{path}: {error}"
+    if size == 0:
+        return "empty_file", f"empty file: {path}"
+    if not read:
+        return None, ""
+    try:
+        text = read_music(path)
+    except MusicFormatError as error:
+        return "unreadable_file", str(error)
+    except OSError as error:
+        return "unreadable_file", f"{path}: {error}"
+    if not text.strip():
+        return "empty_file", f"no music text (only whitespace): {path}"
+    try:
+        content = patchify(text, add_special_patches=False, truncate="head", max_patches=max_patches,
+                           source=path)
+    except MusicFormatError as error:
+        return "no_patches", str(error)
+    if not content:
+        return "no_patches", f"{path}: the text gives no patches"
+    return None, ""
+
+
+def _parse_file(path):
+    """Parse every non-blank line: (records still to be file-checked, bad records, line count)."""
+    base_dir = os.path.dirname(os.path.abspath(path))
+    pending, bad, total = [], [], 0
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # UTF-8 byte-order mark
+            if not raw.strip():
+                continue
+            total += 1
+            parsed = _parse_line(raw, path, number, base_dir)
+            (bad if isinstance(parsed, BadRecord) else pending).append(parsed)
+    return pending, bad, total
+
+
+def _parse_line(raw, path, number, base_dir):
+    """One line of a data file -> a Record (paths not yet checked) or a BadRecord."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        return BadRecord(path, number, "invalid_json", f"not UTF-8: {error.reason} at byte {error.start}")
+    except json.JSONDecodeError as error:
+        return BadRecord(path, number, "invalid_json", error.msg + f" at column {error.colno}")
+    if not isinstance(obj, dict):
+        return BadRecord(path, number, "not_object", f"a JSON {type(obj).__name__}, not an object")
+
+    if "filepaths" in obj:
+        schema = "clamp3"
+        given = obj["filepaths"]
+        given = [given] if isinstance(given, str) else given if isinstance(given, list) else []
+        texts = {name: text for name, value in obj.items() if name not in NON_TEXT_FIELDS
+                 and (text := _as_text(value))}
+    else:
+        schema = "midicaps"
+        given = [obj.get("location") or obj.get("music")]
+        name = "caption" if "caption" in obj else "description"
+        text = _as_text(obj.get(name))
+        texts = {name: text} if text else {}
+    paths = [p for p in given if isinstance(p, str) and p.strip()]
+    if not paths:
+        return BadRecord(path, number, "no_music_path",
+                         "no 'filepaths' list, 'location' or 'music' with a file path")
+
+    translations, language = _translations(obj.get("translations"))
+    if not texts and not translations:
+        return BadRecord(path, number, "no_text", "no non-empty text field")
+    resolved = tuple(dict.fromkeys(os.path.normpath(os.path.join(base_dir, p)) for p in paths))
+    return Record(source=path, line=number, paths=resolved, texts=texts,
+                  translations=translations, language=language, schema=schema)
+
+
+def _as_text(value):
+    """A text field's value as one stripped string ("" when it is not text): lists of strings are
+    joined by ", "; other types give ""."""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, list):
+        return ", ".join(item.strip() for item in value if isinstance(item, str) and item.strip())
+    return ""
+
+
+def _translations(value):
+    """`{"language": ..., field: text}` -> ({field: text}, language); anything else -> ({}, None)."""
+    if not isinstance(value, dict):
+        return {}, None
+    language = value.get("language")
+    texts = {name: text for name, item in value.items() if name != "language" and (text := _as_text(item))}
+    return texts, language if isinstance(language, str) else None
+
+
+def _check_files(paths, read, max_patches, workers, progress, desc):
+    """Run `check_music_file` on every path, in a process pool when worth it; {path: (reason, detail)}."""
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 16) if read and len(paths) >= POOL_MIN_FILES else 0
+    check = functools.partial(check_music_file, read=read, max_patches=max_patches)
+    results = {}
+    with tqdm(total=len(paths), desc=desc, unit="file", disable=not progress) as bar:
+        if workers <= 1 or len(paths) < 2:
+            for path in paths:
+                results[path] = check(path)
+                bar.update()
+            return results
+        # The platform's default start method, as DataLoader workers use: fork on Linux starts in
+        # milliseconds (forkserver/spawn re-import torch in every worker, seconds each); the checks
+        # never touch CUDA, so forking a process that holds it is safe.
+        chunk = max(1, min(64, len(paths) // (workers * 8)))
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for path, outcome in zip(paths, pool.map(check, paths, chunksize=chunk)):
+                results[path] = outcome
+                bar.update()
+    return results
+
+
+def _count_reasons(bad):
+    """{reason: count} in REASONS order, only reasons that occur."""
+    counts = {reason: 0 for reason in REASONS}
+    for item in bad:
+        counts[item.reason] += 1
+    return {reason: n for reason, n in counts.items() if n}
+
+
+def _format_counts(counts):
+    return ", ".join(f"{reason} {n}" for reason, n in counts.items())
+
+
+def _limit_message(result, limit):
+    """The DataError message when the bad share passes the limit."""
+    shown = "\n".join(f"  {bad}" for bad in result.bad[:SHOWN_BAD_RECORDS])
+    more = len(result.bad) - SHOWN_BAD_RECORDS
+    if more > 0:
+        shown += f"\n  ... and {more} more"
+    return (f"{result.path}: {len(result.bad)} of {result.total} records are bad "
+            f"({result.bad_share:.1%}), more than the bad-record limit of {limit:.1%}.\n"
+            f"Bad records by reason: {_format_counts(result.counts)}.\n"
+            f"First bad records:\n{shown}\n"
+            f"Fix or remove these records, or raise the limit with --bad-record-limit "
+            f"(a share between 0 and 1; now {limit}).")
+
+
+# --------------------------------------------------------------------------------------------
+# Text
+
+
+def text_lines(texts):
+    """The text candidates of a {field: text} dict: every field's text split into lines, stripped,
+    empty lines dropped, duplicates removed (first occurrence kept, field order otherwise)."""
+    lines = (line.strip() for text in texts.values() for line in text.splitlines())
+    return list(dict.fromkeys(line for line in lines if line))
+
+
+def training_text(record, sep, rng):
+    """CLaMP 3's text dropout, every draw from `rng` (a random.Random).
+
+    With probability 0.5 the candidates are the translation texts, else (or when there are no
+    translations) the other text fields; if the record has only translations, those. Each candidate
+    line is kept with probability 0.5 (all of them if none survives), the kept ones shuffled and
+    joined with `sep` (the tokenizer's separator token).
+    """
+    fields, translated = text_lines(record.texts), text_lines(record.translations)
+    use_translations = bool(translated) and rng.random() < 0.5
+    candidates = translated if use_translations or not fields else fields
+    kept = [line for line in candidates if rng.random() < 0.5] or list(candidates)
+    rng.shuffle(kept)
+    return sep.join(kept)
+
+
+def evaluation_text(record, sep):
+    """The deterministic evaluation text: `analysis`, else `caption`, else `description`, else all
+    candidate lines (text fields, or translations if there are none) in order, joined with `sep`."""
+    for name in EVAL_TEXT_FIELDS:
+        if record.texts.get(name):
+            return record.texts[name]
+    return sep.join(text_lines(record.texts) or text_lines(record.translations))
+
+
+def special_token_ids(tokenizer):
+    """(begin id, end id) that wrap every text: `<s>` and `</s>` for XLM-R (bos/eos, else cls/sep;
+    None where the tokenizer has neither)."""
+    begin = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+    end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    return begin, end
+
+
+def encode_text(tokenizer, text, max_tokens, rng=None):
+    """Token ids of `text`, at most `max_tokens` long, always `<s> ... </s>`.
+
+    The text is tokenised without special tokens; a body longer than `max_tokens - 2` is cut to a
+    window of that length, a random one drawn from `rng` (training) or the head when `rng` is None
+    (evaluation); then `<s>` and `</s>` wrap the window. So every text, cut or not, starts with `<s>`
+    and ends with `</s>`, as the text encoder saw them in pre-training and as Hugging Face's own
+    truncation does for the head; a training window never loses them nor carries a stray one at a
+    random place. (A separator `</s>` inside the body, from text dropout, stays where it is.)
+    """
+    begin, end = special_token_ids(tokenizer)
+    wrappers = [i for i in (begin, end) if i is not None]
+    room = max_tokens - len(wrappers)
+    if room < 1:
+        raise ValueError(f"max_text_tokens={max_tokens} leaves no room for text")
+    body = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    if len(body) > room:
+        start = rng.randrange(len(body) - room + 1) if rng is not None else 0
+        body = body[start:start + room]
+    return ([begin] if begin is not None else []) + body + ([end] if end is not None else [])
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset
+
+
+class MusicTextDataset(Dataset):
+    """Samples of (music patches, text ids) from scanned records.
+
+    `dataset[(index, sample_seed)]` in training: one file of the record chosen at random, CLaMP 3
+    text dropout, a random `max_text_tokens` window of the text, instrument names removed with
+    probability `instrument_removal_prob`, a random `max_patches` window of the piece; every draw
+    from `random.Random(sample_seed)` in that order, so a key always gives the same sample.
+    In evaluation (train=False) the sample is deterministic: the first file, the evaluation text,
+    heads, no augmentation; the key may be a plain index or an (index, seed) pair (seed ignored).
+
+    Item: {"patches": LongTensor[L, 64], "text_ids": LongTensor[T], "index": int}. A music file that
+    went bad after the scan raises MusicFormatError naming `data_file:line` and the music file.
+    """
+
+    def __init__(self, records, tokenizer, train, max_patches=512, max_text_tokens=128,
+                 instrument_removal_prob=0.9):
+        self.records = list(records)
+        self.tokenizer = tokenizer
+        self.train = bool(train)
+        self.max_patches = max_patches
+        self.max_text_tokens = max_text_tokens
+        self.instrument_removal_prob = instrument_removal_prob
+        self.sep = tokenizer.sep_token or tokenizer.eos_token
+        if self.sep is None:
+            raise ValueError("the tokenizer has neither a sep nor an eos token to join text candidates")
+        if max_patches < 3:
+            raise ValueError(f"max_patches must be at least 3 (BOS, music, EOS), got {max_patches}")
+        if not 0.0 <= instrument_removal_prob <= 1.0:
+            raise ValueError(f"instrument_removal_prob must be in [0, 1], got {instrument_removal_prob}")
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, key):
+        index, seed = self._parse_key(key)
+        record = self.records[index]
+        if not self.train:
+            path = record.paths[0]
+            music = self._read(record, path)
+            patches = self._patchify(record, path, music, "head", None)
+            text_ids = encode_text(self.tokenizer, evaluation_text(record, self.sep), self.max_text_tokens)
+        else:
+            rng = random.Random(seed)
+            path = rng.choice(record.paths)
+            text = training_text(record, self.sep, rng)
+            text_ids = encode_text(self.tokenizer, text, self.max_text_tokens, rng)
+            music = self._read(record, path)
+            if rng.random() < self.instrument_removal_prob:
+                music = remove_instrument_info(music)
+            patches = self._patchify(record, path, music, "random", rng)
+        return {"patches": torch.tensor(patches, dtype=torch.long),
+                "text_ids": torch.tensor(text_ids, dtype=torch.long),
+                "index": index}
+
+    def _parse_key(self, key):
+        """(index, seed) from a key; a plain int is accepted in evaluation only."""
+        if isinstance(key, (tuple, list)) and len(key) == 2:
+            index, seed = operator.index(key[0]), operator.index(key[1])
+        elif not self.train:
+            index, seed = operator.index(key), None
+        else:
+            raise TypeError(f"a training dataset needs (index, sample_seed) keys, got {key!r}")
+        if not 0 <= index < len(self.records):
+            raise IndexError(f"index {index} out of range for {len(self.records)} records")
+        return index, seed
+
+    @staticmethod
+    def _read(record, path):
+        try:
+            music = read_music(path)
+        except (MusicFormatError, OSError) as error:
+            raise MusicFormatError(f"{record.where}: music file {path} cannot be read any more "
+                                   f"(it passed the data scan, so it changed since): {error}") from error
+        if not music.strip():
+            raise MusicFormatError(f"{record.where}: music file {path} is empty now "
+                                   f"(it passed the data scan, so it changed since)")
+        return music
+
+    def _patchify(self, record, path, music, truncate, rng):
+        problem = None
+        try:
+            patches = patchify(music, truncate=truncate, rng=rng, max_patches=self.max_patches, source=path)
+        except MusicFormatError as error:
+            problem = error
+        else:
+            # Only BOS/EOS patches: text that patchify accepts but that holds no music (line breaks).
+            if all(patch[1] in (BOS_ID, EOS_ID) for patch in patches):
+                problem = "only special patches"
+        if problem is not None:
+            raise MusicFormatError(f"{record.where}: music file {path} gives no patches any more "
+                                   f"(it passed the data scan, so it changed since): {problem}")
+        return patches
+
+
+# --------------------------------------------------------------------------------------------
+# Batches and loaders
+
+
+def collate(items, pad_id):
+    """Pad samples to the batch's longest piece and longest text.
+
+    Returns {"patches" [B, Lmax, 64] long (pad patches all 0), "patch_mask" [B, Lmax] long,
+    "text_ids" [B, Tmax] long (padded with pad_id), "text_mask" [B, Tmax] long, "index" [B] long}.
+    """
+    patches = pad_sequence([item["patches"] for item in items], batch_first=True, padding_value=0)
+    text_ids = pad_sequence([item["text_ids"] for item in items], batch_first=True, padding_value=pad_id)
+    patch_lengths = torch.tensor([len(item["patches"]) for item in items])
+    text_lengths = torch.tensor([len(item["text_ids"]) for item in items])
+    return {"patches": patches,
+            "patch_mask": _length_mask(patch_lengths, patches.shape[1]),
+            "text_ids": text_ids,
+            "text_mask": _length_mask(text_lengths, text_ids.shape[1]),
+            "index": torch.tensor([item["index"] for item in items], dtype=torch.long)}
+
+
+def _length_mask(lengths, width):
+    """[B, width] long mask: 1 where the position is inside the sample's length."""
+    return (torch.arange(width)[None, :] < lengths[:, None]).long()
+
+
+class Collator:
+    """`collate` with the tokenizer's pad id bound; picklable, for DataLoader workers."""
+
+    def __init__(self, pad_id):
+        self.pad_id = int(pad_id)
+
+    def __call__(self, items):
+        return collate(items, self.pad_id)
+
+
+class SequentialKeys(Sampler):
+    """Evaluation sampler: the plain indices 0 .. n-1 in order."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        return iter(range(self.n))
+
+    def __len__(self):
+        return self.n
+
+
+def make_loader(dataset, sampler, batch_size, num_workers=0, pin_memory=True, collate_fn=None,
+                drop_last=False, prefetch_factor=4):
+    """A DataLoader over `dataset` fetching the keys `sampler` yields.
+
+    Worker processes stay alive between epochs (persistent) and prefetch `prefetch_factor` batches
+    each; batches are pinned when `pin_memory` and CUDA is available. `collate_fn` defaults to a
+    Collator with the dataset tokenizer's pad id.
+    """
+    if collate_fn is None:
+        collate_fn = Collator(dataset.tokenizer.pad_token_id)
+    workers = num_workers > 0
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate_fn, pin_memory=pin_memory and torch.cuda.is_available(),
+                      drop_last=drop_last, persistent_workers=workers,
+                      prefetch_factor=prefetch_factor if workers else None)
