@@ -1,0 +1,324 @@
+"""Several processes through torchrun: the process group, a resumable sharded sampler, and the
+collectives the trainer needs (a gather that keeps the gradient, a flag every rank agrees on).
+
+A plain `python train_clamp3_lora.py` never touches torch.distributed: `setup` returns a one-process
+`Dist` and every helper here is then a no-op or an identity. Under
+`torchrun --nproc_per_node=N train_clamp3_lora.py` (which sets RANK, WORLD_SIZE, LOCAL_RANK), `setup`
+joins the process group (NCCL on GPUs, gloo on the CPU) with a timeout on every collective, and each
+process drives the GPU of its LOCAL_RANK.
+"""
+import datetime
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import Clamp3LoraError
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process stands: its rank, the number of processes, and its device."""
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self):
+        """Rank 0: the one process that writes files and shows progress."""
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        """Whether a process group is in use (launched by torchrun)."""
+        return dist.is_available() and dist.is_initialized()
+
+
+def launched_by_torchrun(env=os.environ):
+    """True when torchrun (or another launcher with its variables) started this process."""
+    return "RANK" in env and "WORLD_SIZE" in env
+
+
+def resolve_device(name, local_rank=0):
+    """The torch.device for --device NAME; "cuda" means this process's GPU (cuda:LOCAL_RANK).
+
+    Never falls back: a CUDA device without a usable GPU raises Clamp3LoraError.
+    """
+    device = torch.device(name)
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise Clamp3LoraError(f"unsupported --device {name!r}: use cuda (default) or cpu")
+    if not torch.cuda.is_available():
+        raise Clamp3LoraError(
+            "CUDA is not available: no usable GPU was found (torch "
+            f"{torch.__version__}, built with CUDA {torch.version.cuda or 'none'}). This trainer runs on a "
+            "GPU by default and never falls back to the CPU silently. Check `nvidia-smi` and the CUDA "
+            "build of torch, or pass --device cpu to train on the CPU on purpose (slow; for tests and the demo).")
+    index = device.index if device.index is not None else local_rank
+    if index >= torch.cuda.device_count():
+        raise Clamp3LoraError(f"--device {name}: GPU {index} does not exist "
+                              f"({torch.cuda.device_count()} visible)")
+    return torch.device("cuda", index)
+
+
+def setup(device_name="cuda", timeout_s=1800, env=os.environ):
+    """Join torchrun's process group (if launched by torchrun) and pick this process's device.
+
+    NCCL on CUDA, gloo on the CPU; every collective times out after `timeout_s` seconds, so a lost
+    rank ends the job with an error instead of hanging. Returns a Dist.
+    """
+    if not launched_by_torchrun(env):
+        return Dist(rank=0, world_size=1, local_rank=0, device=resolve_device(device_name))
+    rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+    local_rank = int(env.get("LOCAL_RANK", 0))
+    device = resolve_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def teardown():
+    """Leave the process group (no-op without one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main():
+    """Whether this process is rank 0 (always true without a process group)."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def barrier():
+    """Wait for every rank (no-op without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+
+
+def _collective_device():
+    """Device of the tensors handed to collectives: the current GPU for NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_flag(flag):
+    """True on every rank if `flag` is true on any rank (identity without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return bool(flag)
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def all_gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank ([obj] without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj):
+    """Rank 0's obj on every rank (identity without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather_sizes(tensor):
+    """The first-dimension sizes of `tensor` on every rank."""
+    size = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    return [int(s.item()) for s in sizes]
+
+
+def _gather_padded(tensor, sizes):
+    """all_gather of tensors whose first dimensions differ (`sizes`); concatenated in rank order."""
+    largest = max(sizes)
+    padded = tensor
+    if tensor.shape[0] < largest:
+        filler = tensor.new_zeros((largest - tensor.shape[0],) + tuple(tensor.shape[1:]))
+        padded = torch.cat([tensor, filler])
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward hands each rank the gradient of its own rows.
+
+    Every rank computes the same global loss from the gathered tensor, so the gradient of the
+    global loss with respect to this rank's rows is the SUM over ranks of the gradients they see for
+    those rows (all-reduce, then this rank's slice). DDP then averages the parameter gradients over
+    the ranks; together that is exactly the gradient of one process on the concatenated batch.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor):
+        sizes = _gather_sizes(tensor)
+        ctx.sizes = sizes
+        ctx.rank = dist.get_rank()
+        return _gather_padded(tensor, sizes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = sum(ctx.sizes[:ctx.rank])
+        return grad[start:start + ctx.sizes[ctx.rank]]
+
+
+def gather_with_grad(tensor):
+    """[sum of first dims over ranks, ...]: every rank's `tensor`, concatenated in rank order, with
+    the gradient flowing back to each rank's own rows (see _GatherWithGrad). Ranks may hold different
+    numbers of rows. Identity without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    return _GatherWithGrad.apply(tensor)
+
+
+def gather(tensor):
+    """Like gather_with_grad but without autograd (evaluation, frozen text features)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    with torch.no_grad():
+        return _gather_padded(tensor.detach(), _gather_sizes(tensor))
+
+
+# --------------------------------------------------------------------------------------------
+# The sampler
+
+
+def sample_seed(seed, epoch, index):
+    """The seed of every random choice made for record `index` in `epoch` (augmentations, windows):
+    a hash of (seed, epoch, index), so a sample never depends on which rank, worker or run draws it."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def epoch_order(n, seed, epoch, shuffle=True):
+    """The order of the n records in `epoch`: a permutation drawn from (seed, epoch), or 0..n-1."""
+    if not shuffle:
+        return list(range(n))
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def global_batches(n, batch_size, world_size):
+    """[(start, end)] slices of an epoch's order, one per global batch (batch_size on each rank).
+
+    The last global batch takes whatever is left; if fewer records are left than there are ranks
+    (one of them would get an empty batch), they join the batch before it. So every record is in
+    exactly one global batch and every rank gets at least one record of every global batch.
+    """
+    size = batch_size * world_size
+    bounds = [(start, min(start + size, n)) for start in range(0, n, size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < world_size:
+        last = bounds.pop()
+        bounds[-1] = (bounds[-1][0], last[1])
+    return bounds
+
+
+def rank_slice(start, end, rank, world_size):
+    """This rank's contiguous part of the global batch [start, end): sizes differ by at most one,
+    the first ranks take the extra records, and the parts follow rank order (so a gather in rank
+    order restores the global batch's order)."""
+    base, extra = divmod(end - start, world_size)
+    begin = start + rank * base + min(rank, extra)
+    return begin, begin + base + (1 if rank < extra else 0)
+
+
+class ResumableSampler:
+    """Batches of sample keys for one rank: a per-epoch permutation of n records, cut into global
+    batches and sharded across ranks; resumable at any batch.
+
+    Use it as a DataLoader `batch_sampler`: iterating yields lists of `(index, sample_seed)` keys,
+    `batch_size` keys per batch (the last global batch may be smaller or, to avoid an empty batch on
+    some rank, up to world_size - 1 larger; ranks differ by at most one key). Over one epoch the
+    ranks together see every record exactly once, with no padding and no duplicates, and every rank
+    has the same number of batches, so no rank waits alone in a collective.
+
+    `set_epoch(e)` picks the epoch's order (from seed and e, the same on every rank), `start_at(b)`
+    skips the first b batches of it (resume mid-epoch); `state_dict()` / `load_state_dict()` keep
+    both. With shuffle=False (evaluation) the order is 0..n-1, so gathering the features of every
+    batch in rank order gives the whole set in its original order.
+    """
+
+    def __init__(self, n, seed=0, rank=0, world_size=1, shuffle=True, batch_size=1):
+        if n < world_size:
+            raise ValueError(f"{n} records cannot be shared by {world_size} ranks (every rank needs one)")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        self.n = n
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.batch_size = batch_size
+        self.epoch = 0
+        self.position = 0
+        self._bounds = global_batches(n, batch_size, world_size)
+
+    def set_epoch(self, epoch):
+        """Use epoch's order from now on, from its first batch."""
+        self.epoch = epoch
+        self.position = 0
+
+    def start_at(self, position):
+        """Start the next iteration at batch `position` of the epoch (0 .. len(self))."""
+        if not 0 <= position <= len(self):
+            raise ValueError(f"sampler position {position} is outside 0..{len(self)}")
+        self.position = position
+
+    def __len__(self):
+        """Batches per epoch (the same on every rank)."""
+        return len(self._bounds)
+
+    def batches(self, first=0):
+        """This rank's batches of the current epoch, from batch `first` on (a generator)."""
+        order = epoch_order(self.n, self.seed, self.epoch, self.shuffle)
+        for start, end in self._bounds[first:]:
+            begin, finish = rank_slice(start, end, self.rank, self.world_size)
+            yield [(index, sample_seed(self.seed, self.epoch, index)) for index in order[begin:finish]]
+
+    def __iter__(self):
+        return self.batches(self.position)
+
+    def global_batch_size(self, position):
+        """Records in global batch `position` (all ranks together)."""
+        start, end = self._bounds[position]
+        return end - start
+
+    def state_dict(self, epoch=None, position=None):
+        """Everything needed to continue the same order: seed, epoch, position (batches done; by
+        default the current epoch and start position, or the ones given) and the layout."""
+        return {"n": self.n, "seed": self.seed,
+                "epoch": self.epoch if epoch is None else epoch,
+                "position": self.position if position is None else position,
+                "world_size": self.world_size, "batch_size": self.batch_size, "shuffle": self.shuffle}
+
+    def load_state_dict(self, state):
+        """Continue from state_dict(); the layout (n, world size, batch size, shuffle) must match."""
+        for key in ("n", "world_size", "batch_size", "shuffle"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"sampler {key} differs: saved {state[key]}, now {getattr(self, key)}")
+        self.seed = state["seed"]
+        self.epoch = state["epoch"]
+        self.start_at(state["position"])

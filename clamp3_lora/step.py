@@ -1,0 +1,73 @@
+"""The per-batch math, shared by the trainer, the preflight and the benchmark.
+
+    batch = to_device(batch, device)
+    with autocast(device, "bf16"):
+        loss, music, text = forward_loss(model, batch, gather=distributed.gather_with_grad)
+    loss.backward()
+
+The text encoder is frozen: its features are computed without autograd. The music features keep
+their graph. With several processes, `gather` collects the features of every rank so the contrastive
+loss sees the global batch (global negatives, as the official CLaMP 3 training does); the gradient
+still reaches each rank's own samples.
+"""
+import contextlib
+
+import torch
+
+from .model import clip_loss
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device, precision, cpu_autocast=False):
+    """Autocast context for `precision` ("bf16", "fp16" or "fp32") on `device`.
+
+    On CUDA, bf16 and fp16 autocast; fp32 runs without autocast. On the CPU there is no autocast
+    (fp32, exact, which the tests rely on) unless cpu_autocast=True and precision is "bf16".
+    """
+    device = torch.device(device)
+    if precision not in AUTOCAST_DTYPES and precision != "fp32":
+        raise ValueError(f"unknown precision {precision!r}: use bf16, fp16 or fp32")
+    if device.type == "cuda" and precision in AUTOCAST_DTYPES:
+        return torch.autocast("cuda", dtype=AUTOCAST_DTYPES[precision])
+    if device.type == "cpu" and cpu_autocast and precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(batch, device):
+    """The collated batch with every tensor on `device` (non-blocking copies from pinned memory)."""
+    return {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            for key, value in batch.items()}
+
+
+def unwrap(model):
+    """The Clamp3 model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def local_features(model, batch):
+    """(music features with grad, text features without) of this process's samples.
+
+    `model` is a Clamp3 or a DistributedDataParallel around one: the music side goes through
+    `model(...)` so that DDP sees the forward pass it must synchronise; the frozen text side runs
+    under torch.no_grad().
+    """
+    with torch.no_grad():
+        text = unwrap(model).text_features(batch["text_ids"], batch["text_mask"])
+    music, _ = model(batch["patches"], batch["patch_mask"])
+    return music, text
+
+
+def contrastive_loss(music, text, gather=None):
+    """CLIP loss over the global batch: `gather` (e.g. distributed.gather_with_grad) collects every
+    rank's features first; None means this process's batch is the whole batch."""
+    if gather is not None:
+        music, text = gather(music), gather(text)
+    return clip_loss(music, text)
+
+
+def forward_loss(model, batch, gather=None):
+    """(loss, music features, text features) of one batch; see local_features and contrastive_loss."""
+    music, text = local_features(model, batch)
+    return contrastive_loss(music, text, gather), music, text
