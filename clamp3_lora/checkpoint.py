@@ -29,11 +29,10 @@ Writes go to a temporary file in the same folder, are flushed and fsynced, renam
 target, and the folder is fsynced: a crash during a save leaves the previous file intact. Loads
 check everything before anything is applied, so a bad file is refused whole, never half-loaded.
 """
+import io
 import json
-import os
 import random
 import re
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError
+from .logs import atomic_write_bytes, atomic_write_json
 
 FORMAT = "clamp3-lora-training-checkpoint"
 VERSION = 1
@@ -109,32 +109,15 @@ def stage_checkpoints(log_dir, stage):
 # Save and load
 
 
-def _fsync_folder(folder):
-    if hasattr(os, "O_DIRECTORY"):
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def save(path, state):
     """Write a checkpoint atomically (temporary file in the same folder, fsync, rename, fsync the
     folder). `state` gets format, version, saved_at and torch added."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = dict(state, format=FORMAT, version=VERSION, saved_at=time.time(), torch=str(torch.__version__))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -259,18 +242,7 @@ def delete_stage_files(log_dir, stage):
 def write_finished(log_dir, stage, record):
     """Mark the stage finished (atomic JSON write); `record` must hold "identity"."""
     path = finished_path(log_dir, stage)
-    data = json.dumps(dict(record, stage=stage, finished_at=time.ctime()), indent=2, default=str)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(data + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)
+    atomic_write_json(path, dict(record, stage=stage, finished_at=time.ctime()))
     return path
 
 

@@ -63,7 +63,7 @@ def atomic_write_text(path, text):
 
 def atomic_write_json(path, obj):
     """atomic_write_text of `obj` as indented JSON (NaN/Infinity written as JSON's usual extension)."""
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def gpu_memory(device=None):
