@@ -32,6 +32,8 @@ from torch import nn
 from transformers import BertConfig, BertModel, XLMRobertaConfig, XLMRobertaModel
 
 from .errors import CheckpointError, Clamp3LoraError
+from .fast import (ATTENTION_MODES, COMPILE_MODES, FastPaths, check_encoder, music_hidden, store_frozen_weights,
+                   text_hidden)
 
 PATCH_SIZE = 64
 """Characters per patch; fixed by the M3 patch format."""
@@ -250,6 +252,7 @@ class Clamp3(nn.Module):
         self.config = config
         self.tokenizer = tokenizer
         self.base_checkpoint = None  # identity of the weights this model was loaded from (for records)
+        self.fast = None  # FastPaths once prepare_for_training switched them on; None: transformers forward
         self.text_model = XLMRobertaModel(config.text_config(), add_pooling_layer=True)
         self.text_proj = nn.Linear(config.text_hidden_size, config.projection_size)
         self.symbolic_model = SymbolicEncoder(config)
@@ -265,19 +268,68 @@ class Clamp3(nn.Module):
         frozen = not any(p.requires_grad for p in self.text_model.parameters()) and not any(
             p.requires_grad for p in self.text_proj.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            hidden = self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            return self.text_proj(masked_mean(hidden, attention_mask))
+            if self.fast is not None:
+                hidden = text_hidden(self.text_model, input_ids, attention_mask, self.fast)
+            else:
+                hidden = self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return _apply_linear(self.text_proj, masked_mean(hidden, attention_mask))
 
     def music_features(self, patches, patch_mask):
         """Global music features [B, projection] from patches [B, L, 64] and patch_mask [B, L]."""
-        hidden = self.symbolic_model(patches, patch_mask)
-        return self.symbolic_proj(masked_mean(hidden, patch_mask))
+        if self.fast is not None:
+            hidden = music_hidden(self.symbolic_model, patches, patch_mask, self.fast)
+        else:
+            hidden = self.symbolic_model(patches, patch_mask)
+        return _apply_linear(self.symbolic_proj, masked_mean(hidden, patch_mask))
 
     def forward(self, patches, patch_mask, input_ids=None, attention_mask=None):
         """(music features, text features or None); the entry point for DistributedDataParallel."""
         music = self.music_features(patches, patch_mask)
         text = None if input_ids is None else self.text_features(input_ids, attention_mask)
         return music, text
+
+    # --- fast paths -------------------------------------------------------------------------
+
+    def prepare_for_training(self, precision="bf16", fast_encoder=True, compile=True, bf16_weights=True,
+                             shared_lora_dropout=True, fp32_residual=True, attention="auto"):
+        """Switch on the fast paths of the training step (call after add_adapter/load_adapter, on the
+        model's final device, before DistributedDataParallel wraps it and before the first step).
+
+        fast_encoder: both encoders run on packed real tokens (no compute on padding), fused
+            layers, varlen flash attention on CUDA (clamp3_lora/fast.py).
+        compile: CUDA only. True or "layer": torch.compile each layer as one graph (attention in it
+            as the opaque aten flash kernel); "regions": compile the two regions around attention
+            (attention outside); False or "none": eager.
+        bf16_weights: with precision "bf16" on CUDA, store the frozen matrices in bf16 once (no
+            per-step casts, half the memory); LoRA weights stay fp32. Run the model inside
+            step.autocast(device, "bf16") afterwards, as the trainer does.
+        shared_lora_dropout: one LoRA dropout mask per layer input for query/key/value.
+        fp32_residual: keep the fast encoder's residual stream in fp32 (else the compute dtype).
+        attention: "auto", "varlen" or "padded" (see fast.FastPaths).
+        Every path computes the same function as the plain one (tests/test_fast_paths.py); adapters
+        stay in peft's standard format. Returns {lever: on/off} for the log.
+        """
+        if attention not in ATTENTION_MODES:
+            raise Clamp3LoraError(f"unknown attention mode {attention!r}: use {', '.join(ATTENTION_MODES)}")
+        mode = {True: "layer", False: "none"}.get(compile, compile)
+        if mode not in COMPILE_MODES:
+            raise Clamp3LoraError(f"unknown compile mode {compile!r}: use True, False or {', '.join(COMPILE_MODES)}")
+        cuda = next(self.parameters()).device.type == "cuda"
+        if fast_encoder:
+            check_encoder(self.symbolic_model.bert, "symbolic encoder")
+            check_encoder(self.text_model, "text encoder")
+            self.fast = FastPaths(compile=mode if cuda else "none", shared_lora_dropout=bool(shared_lora_dropout),
+                                  attention=attention, fp32_residual=bool(fp32_residual))
+        else:
+            self.fast = None
+        stored_bf16 = bool(bf16_weights) and precision == "bf16" and cuda
+        if stored_bf16:
+            store_frozen_weights(self, torch.bfloat16)
+        return {"fast_encoder": self.fast is not None, "compile": self.fast.compile if self.fast else "none",
+                "bf16_weights": stored_bf16,
+                "shared_lora_dropout": bool(self.fast and self.fast.shared_lora_dropout),
+                "fp32_residual": bool(self.fast and self.fast.fp32_residual),
+                "attention": self.fast.attention if self.fast else "transformers"}
 
     # --- adapters ---------------------------------------------------------------------------
 
@@ -410,6 +462,15 @@ class Clamp3(nn.Module):
             for n, p in self.named_parameters():
                 p.requires_grad_(saved_grad.get(n, False))
             raise CheckpointError(f"adapter {path} does not fit this model: {error}") from error
+
+
+def _apply_linear(linear, x):
+    """linear(x); outside autocast, x is first cast to the weight's dtype (frozen weights stored in bf16)."""
+    weight = linear.weight
+    if x.dtype == weight.dtype or torch.is_autocast_enabled(x.device.type):
+        return linear(x)
+    bias = None if linear.bias is None else linear.bias.to(weight.dtype)
+    return F.linear(x.to(weight.dtype), weight, bias)
 
 
 def clip_loss(music_features, text_features):

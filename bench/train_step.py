@@ -1,0 +1,793 @@
+"""GPU benchmark of the training step (issue 5). Never part of the test suite.
+
+    python bench/train_step.py --out bench_out          # on one GPU (full-size model, ~6-8 minutes)
+    python bench/train_step.py --smoke --out /tmp/smoke  # tiny model, CPU or GPU, ~1 minute
+
+In ONE process on one device it measures and prints a table, writing everything to OUT/results.json
+(after every section, so a cut-off run keeps what it measured):
+
+1. ceiling: the bf16 matmul rate (8192^3, median of 10) and the model FLOPs per sample, counted with
+   torch.utils.flop_counter.FlopCounterMode over one real training step (512 patches, 128 tokens).
+2. checks: before any timing, every fast path is compared on the device with the plain fp32 path
+   (features, loss, LoRA gradients; TF32 off for the reference).
+3. naive: the baseline of the issue, written here from its description: one-hot patches built on
+   the GPU, copied to the CPU as float32 and back, every sample padded to 512 patches, fp16 autocast
+   + GradScaler, eager attention, text encoder run as a plain forward, batch 32.
+4. real: the project's training step as the trainer runs it -- clamp3_lora.step.to_device /
+   autocast / forward_loss, AdamW over model.trainable_parameters(), backward, clip, step -- on
+   the full-size model (random weights) prepared by Clamp3.prepare_for_training; 512 patches,
+   batches 32/64/128: samples/s, ms/step, peak GPU memory, MFU.
+5. demo mix: the same on real training samples of the bundled demo ABC data (patch and text
+   lengths from the real data pipeline), batches padded to their longest piece.
+6. levers: each fast path switched off or changed one at a time (batch 32, 512 patches).
+7. data: the data pipeline alone (JSONL -> clamp3_lora.data -> DataLoader with N workers ->
+   pinned batches) on the demo ABC and MTF data and on long synthetic MTF/MIDI pieces.
+
+Timing: warm-up steps first (compilation included there), then several blocks of steps between
+torch.cuda.synchronize() calls; the median block gives ms/step.
+"""
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import Sampler  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from clamp3_lora.data import Collator, MusicTextDataset, make_loader, scan_data_file  # noqa: E402
+from clamp3_lora.model import Clamp3, _skip_weight_init, clip_loss, load_model, masked_mean  # noqa: E402
+from clamp3_lora.step import autocast, forward_loss, to_device  # noqa: E402
+
+GIB = 1024 ** 3
+
+FULL = dict(preset="full", length=512, text_tokens=128, batches=(32, 64, 128), lever_batch=32,
+            naive_batch=32, check_lengths=(512, 300, 17, 1, 128, 64, 400, 5), warmup=3, blocks=4, steps=4,
+            naive_blocks=2, naive_steps=2, ceiling_n=8192, workers=(4, 15), data_seconds=2.0,
+            long_pieces=16, demo_batches=8, item_samples=6)
+SMOKE = dict(preset="tiny", length=64, text_tokens=32, batches=(4, 8), lever_batch=4, naive_batch=4,
+             check_lengths=(64, 30, 1, 9), warmup=1, blocks=2, steps=2, naive_blocks=2, naive_steps=1,
+             ceiling_n=256, workers=(0, 1), data_seconds=0.5, long_pieces=4, demo_batches=3, item_samples=2)
+
+# The levers: keyword arguments of Clamp3.prepare_for_training; "fast" is the configured default.
+VARIANTS = {  # in the order the levers section times them
+    "fast": {},
+    "plain": dict(fast_encoder=False, bf16_weights=True),
+    "fast_regions": dict(compile="regions"),
+    "fast_eager": dict(compile=False),
+    "fast_bf16_residual": dict(fp32_residual=False),
+    "fast_per_proj_dropout": dict(shared_lora_dropout=False),
+    "plain_fp32w": dict(fast_encoder=False, bf16_weights=False),
+    "fast_padded_attn": dict(attention="padded"),
+    "fast_fp32w": dict(bf16_weights=False),
+}
+DESCRIPTIONS = {
+    "naive": "naive trainer: one-hot via CPU fp32, pad 512, fp16+GradScaler, eager attention",
+    "fast": "project default: packed tokens + varlen flash, each layer compiled, bf16 weights, shared LoRA dropout",
+    "fast_regions": "default, but compiling the two regions around attention (attention outside)",
+    "plain_fp32w": "plain transformers forward (SDPA), bf16 autocast, fp32 weights",
+    "plain": "plain transformers forward (SDPA), bf16 autocast, bf16 weights",
+    "fast_eager": "default without torch.compile of the layer regions",
+    "fast_per_proj_dropout": "default with one LoRA dropout mask per projection (peft's way)",
+    "fast_bf16_residual": "default with the residual stream in bf16",
+    "fast_padded_attn": "default with SDPA over padded rows instead of varlen flash",
+    "fast_fp32w": "default with frozen weights kept fp32 (cast per step)",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Plumbing
+
+
+class Results:
+    """results.json, rewritten after every section."""
+
+    def __init__(self, out):
+        self.path = Path(out) / "results.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.data = {}
+
+    def put(self, key, value):
+        self.data[key] = value
+        self.path.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def peak_gib(device):
+    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else 0.0
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def log(text):
+    print(text, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+
+
+def base_state(preset, seed=0):
+    """(ModelConfig, state dict) of a random model with an adapter whose B matrices are random too."""
+    torch.manual_seed(seed)
+    model = load_model(None, preset=preset, text_model=None)
+    model.add_adapter()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+    return model.config, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def build(config, state, device, variant=None, precision="bf16"):
+    """A fresh model from `state` on `device`, prepared with the variant's levers (None: untouched)."""
+    with _skip_weight_init():
+        model = Clamp3(config)
+    model.add_adapter()
+    model.load_state_dict(state)
+    model = model.to(device)
+    if variant is not None:
+        model.prepare_for_training(precision, **VARIANTS[variant])
+    return model
+
+
+def set_eager_attention(model):
+    for encoder in (model.symbolic_model.bert, model.text_model):
+        try:
+            encoder.set_attn_implementation("eager")
+        except (AttributeError, ValueError):
+            encoder.config._attn_implementation = "eager"
+
+
+# --------------------------------------------------------------------------------------------
+# Steps
+
+
+def real_step(model, device, precision="bf16", max_grad_norm=1.0):
+    """The trainer's step: to_device, autocast + forward_loss, loss.item(), (scaled) backward, clip,
+    AdamW step, zero_grad (clamp3_lora/train.py's loop without its bookkeeping; symbolic encoder in
+    training mode, text encoder in eval mode, as the trainer sets them)."""
+    params = model.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
+    model.train()
+    model.text_model.eval()  # as the trainer does: the frozen text side runs without dropout
+
+    def step(cpu_batch):
+        batch = to_device(cpu_batch, device)
+        with autocast(device, precision):
+            loss, _, _ = forward_loss(model, batch)
+        value = loss.item()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        if math.isfinite(float(norm)):
+            scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return value
+    return step
+
+
+def naive_step(model, device, length):
+    """The naive trainer of the issue (fp16 autocast + GradScaler on CUDA; fp32 on the CPU)."""
+    set_eager_attention(model)
+    params = model.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+    cuda = device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=cuda)
+    model.train()
+
+    def step(cpu_batch):
+        patches = F.pad(cpu_batch["patches"], (0, 0, 0, length - cpu_batch["patches"].shape[1])).to(device)
+        mask = F.pad(cpu_batch["patch_mask"], (0, length - cpu_batch["patch_mask"].shape[1])).to(device)
+        text_ids, text_mask = cpu_batch["text_ids"].to(device), cpu_batch["text_mask"].to(device)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+            onehot = F.one_hot(patches, model.config.patch_classes).float()   # [B, 512, 64, 128] fp32
+            onehot = onehot.cpu().to(device)                                 # through the CPU and back
+            embeds = model.symbolic_model.patch_embedding(onehot.reshape(*patches.shape[:2], -1))
+            hidden = model.symbolic_model.bert(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+            music = model.symbolic_proj(masked_mean(hidden, mask))
+            text_hidden = model.text_model(input_ids=text_ids, attention_mask=text_mask).last_hidden_state
+            text = model.text_proj(masked_mean(text_hidden, text_mask))
+            loss = clip_loss(music, text)
+        value = loss.item()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return value
+    return step
+
+
+def time_steps(step, batches, device, warmup, blocks, steps):
+    """(median ms/step, all block ms/step, peak GiB after warm-up) over cycling `batches`."""
+    for i in range(warmup):
+        step(batches[i % len(batches)])
+    sync(device)
+    free(device)
+    reset_peak(device)
+    times = []
+    i = 0
+    for _ in range(blocks):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(batches[i % len(batches)])
+            i += 1
+        sync(device)
+        times.append((time.perf_counter() - start) * 1000 / steps)
+    return statistics.median(times), times, peak_gib(device)
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+
+
+def pinned(batch, device):
+    if device.type == "cuda":
+        return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch
+
+
+def full_batches(size, length, text_tokens, device, count=3, seed=0, vocab=30000):
+    """Random full-length batches: every piece `length` patches, every text `text_tokens` tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        batch = {"patches": torch.randint(0, 128, (size, length, 64), generator=gen),
+                 "patch_mask": torch.ones(size, length, dtype=torch.long),
+                 "text_ids": torch.randint(3, min(vocab, 30000), (size, text_tokens), generator=gen),
+                 "text_mask": torch.ones(size, text_tokens, dtype=torch.long),
+                 "index": torch.arange(size)}
+        batch["text_ids"][:, 0], batch["text_ids"][:, -1] = 0, 2
+        out.append(pinned(batch, device))
+    return out
+
+
+def mixed_batch(lengths, text_lengths, seed=0, vocab=30000):
+    """A batch padded to its longest piece and text, with the given lengths (pad patches 0, pad id 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    items = [{"patches": torch.randint(0, 128, (n, 64), generator=gen),
+              "text_ids": torch.randint(3, min(vocab, 30000), (t,), generator=gen), "index": i}
+             for i, (n, t) in enumerate(zip(lengths, text_lengths))]
+    return Collator(1)(items)
+
+
+class RandomKeys(Sampler):
+    """(index, sample_seed) keys drawn at random: any number of training samples."""
+
+    def __init__(self, n, total, seed=0):
+        self.n, self.total, self.seed = n, total, seed
+
+    def __iter__(self):
+        rng = random.Random(self.seed)
+        return iter([(rng.randrange(self.n), rng.randrange(2 ** 31)) for _ in range(self.total)])
+
+    def __len__(self):
+        return self.total
+
+
+def word_tokenizer(jsonl_files, folder):
+    """The bundled demo tokenizer when there is one, else a word-level tokenizer with XLM-R's special
+    ids (<s>=0, <pad>=1, </s>=2, <unk>=3) over the words of the data (offline stand-in for XLM-R)."""
+    demo = ROOT / "demo" / "tokenizer"
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    if demo.is_dir():
+        return AutoTokenizer.from_pretrained(str(demo)), "demo/tokenizer"
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = set()
+    for path in jsonl_files:
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            for value in json.loads(line).values():
+                texts = value if isinstance(value, list) else [value]
+                for text in texts:
+                    if isinstance(text, str):
+                        words.update(text.replace(",", " , ").replace(".", " . ").split())
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for word in sorted(words):
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", pad_token="<pad>", sep_token="</s>")
+    return tokenizer, f"word-level stand-in ({len(vocab)} words; XLM-R gives ~1.3x more tokens)"
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+def matmul_ceiling(device, n):
+    """Median bf16 (fp32 on CPU) matmul rate of n x n x n over 10 runs, in TFLOP/s."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            a @ b
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times) / 1e12
+
+
+def outputs(model, batch, device, precision):
+    """(music, text, loss, {LoRA name: grad}) of one step in eval mode (deterministic)."""
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    with autocast(device, precision):
+        music = model.music_features(batch["patches"], batch["patch_mask"])
+        with torch.no_grad():
+            text = model.text_features(batch["text_ids"], batch["text_mask"])
+        loss = clip_loss(music, text)
+    loss.backward()
+    grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return music.detach().float(), text.detach().float(), loss.detach().float(), grads
+
+
+def failure(name, error):
+    """A variant that raised: its traceback printed, the error recorded."""
+    import traceback
+    traceback.print_exc()
+    log(f"  {name}: FAILED with {type(error).__name__}: {error}")
+    return {"error": f"{type(error).__name__}: {error}", "music": math.nan, "text": math.nan, "loss": math.nan,
+            "grads": math.nan, "grads_worst_tensor": math.nan}
+
+
+def compare(out, ref):
+    grads = sorted(ref[3])
+    flat = torch.cat([out[3][k].flatten() for k in grads])
+    flat_ref = torch.cat([ref[3][k].flatten() for k in grads])
+    return {"music": rel(out[0], ref[0]), "text": rel(out[1], ref[1]), "loss": rel(out[2], ref[2]),
+            "grads": rel(flat, flat_ref), "grads_worst_tensor": max(rel(out[3][k], ref[3][k]) for k in grads)}
+
+
+def naive_outputs(model, batch, device, length):
+    """The naive path's (music, text, loss, grads) in eval mode (fp16 autocast on CUDA)."""
+    set_eager_attention(model)
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    patches = F.pad(batch["patches"], (0, 0, 0, length - batch["patches"].shape[1]))
+    mask = F.pad(batch["patch_mask"], (0, length - batch["patch_mask"].shape[1]))
+    with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+        onehot = F.one_hot(patches, model.config.patch_classes).float().cpu().to(device)
+        embeds = model.symbolic_model.patch_embedding(onehot.reshape(*patches.shape[:2], -1))
+        hidden = model.symbolic_model.bert(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        music = model.symbolic_proj(masked_mean(hidden, mask))
+        text_hidden = model.text_model(input_ids=batch["text_ids"], attention_mask=batch["text_mask"]).last_hidden_state
+        text = model.text_proj(masked_mean(text_hidden, batch["text_mask"]))
+        loss = clip_loss(music, text)
+    loss.backward()
+    grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return music.detach().float(), text.detach().float(), loss.detach().float(), grads
+
+
+def run_checks(config, state, device, spec, variants):
+    """Every variant (and the naive path) against the plain fp32 path on a batch of mixed lengths."""
+    lengths = spec["check_lengths"]
+    text_lengths = [max(2, (7 * n) % spec["text_tokens"]) for n in lengths]
+    batch = to_device(mixed_batch(lengths, text_lengths, seed=11, vocab=config.text_vocab_size), device)
+    cuda = device.type == "cuda"
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if cuda:  # the fp32 reference in true fp32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    results = {}
+    try:
+        model = build(config, state, device)
+        ref = outputs(model, batch, device, "fp32")
+        results["plain_bf16_autocast"] = compare(outputs(model, batch, device, "bf16"), ref)
+        results["naive_fp16"] = compare(naive_outputs(model, batch, device, spec["length"]), ref)
+        del model
+        free(device)
+        fp32_fast = build(config, state, device)
+        fp32_fast.prepare_for_training("fp32", compile=False)
+        results["fast_fp32"] = compare(outputs(fp32_fast, batch, device, "fp32"), ref)
+        results["fast_fp32"]["fp32_path"] = True
+        del fp32_fast
+        free(device)
+        for name in variants:
+            # The default is checked as timed (compiled); the other levers with their regions run
+            # eagerly (the compiled code is the same functions; this saves a compile per variant).
+            try:
+                model = build(config, state, device)
+                model.prepare_for_training("bf16", **{**VARIANTS[name], **({} if name == "fast" else {"compile": False})})
+                results[name] = compare(outputs(model, batch, device, "bf16"), ref)
+            except Exception as error:  # noqa: BLE001 -- recorded, printed, and the variant is not timed
+                results[name] = failure(name, error)
+            model = None
+            free(device)
+    finally:
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    plain_grads = results["plain_bf16_autocast"]["grads"]
+    for name, errors in results.items():
+        if "error" in errors:
+            errors["pass"] = False
+        elif errors.get("fp32_path"):
+            errors["pass"] = max(errors["music"], errors["text"], errors["loss"], errors["grads"]) <= 1e-5
+        else:
+            errors["pass"] = (max(errors["music"], errors["text"], errors["loss"]) <= 1e-2
+                              and errors["grads"] <= max(1e-2, 1.5 * plain_grads + 1e-3))
+    return results
+
+
+def count_flops(config, state, device, spec):
+    """Model FLOPs per sample of one real step at full length, by FlopCounterMode (fast path, eager:
+    the compiled regions would hide their matmuls from the counter; same math)."""
+    size = 4
+    batch = full_batches(size, spec["length"], spec["text_tokens"], device, count=1,
+                         vocab=config.text_vocab_size)[0]
+    model = build(config, state, device)
+    model.prepare_for_training("bf16", compile=False)
+    step = real_step(model, device)
+    step(batch)
+    with FlopCounterMode(display=False) as counter:
+        step(batch)
+    total = counter.get_total_flops()
+    on_device = to_device(batch, device)
+    with FlopCounterMode(display=False) as text_counter, torch.no_grad(), autocast(device, "bf16"):
+        model.text_features(on_device["text_ids"], on_device["text_mask"])
+    with FlopCounterMode(display=False) as music_counter, autocast(device, "bf16"):
+        model.music_features(on_device["patches"], on_device["patch_mask"])
+    del model, step
+    free(device)
+    per = lambda x: x / size / 1e9  # noqa: E731
+    return {"gflop_per_sample": per(total), "text_forward": per(text_counter.get_total_flops()),
+            "symbolic_forward": per(music_counter.get_total_flops()),
+            "symbolic_backward_and_rest": per(total - text_counter.get_total_flops()
+                                               - music_counter.get_total_flops())}
+
+
+def gpu_busy(step, batches, device, steps=3):
+    """GPU kernel time per step (ms) and the top kernels, from torch.profiler over `steps` steps."""
+    from torch.profiler import ProfilerActivity, profile
+    step(batches[0])
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            step(batches[i % len(batches)])
+        sync(device)
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.self_device_time_total for e in events) / steps / 1000
+    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:10]
+    return busy, [{"kernel": e.key[:90], "ms_per_step": e.self_device_time_total / steps / 1000,
+                   "calls_per_step": e.count / steps} for e in top]
+
+
+def measure(name, make_step, batches, device, spec, flops_per_sample, ceiling, blocks=None, steps=None,
+            warmup=None):
+    ms, all_ms, peak = time_steps(make_step(), batches, device, warmup or spec["warmup"],
+                                  blocks or spec["blocks"], steps or spec["steps"])
+    size = batches[0]["patches"].shape[0]
+    rate = size / (ms / 1000)
+    row = {"variant": name, "batch": size, "ms_per_step": ms, "samples_per_s": rate, "peak_gib": peak,
+           "blocks_ms": all_ms}
+    if flops_per_sample:
+        row["mfu"] = flops_per_sample * 1e9 * rate / (ceiling * 1e12)
+    log(f"  {name:24s} batch {size:4d}: {ms:9.2f} ms/step {rate:9.1f} samples/s  peak {peak:6.2f} GiB"
+        + (f"  MFU {row['mfu']:.1%}" if "mfu" in row else ""))
+    return row
+
+
+def demo_batches(tokenizer, size, count, device, seed=0, vocab=None):
+    """Real training samples of the demo ABC data (train + eval files), collated per batch."""
+    records = []
+    for name in ("abc_train.jsonl", "abc_eval.jsonl"):
+        records += scan_data_file(ROOT / "demo" / name).records
+    dataset = MusicTextDataset(records, tokenizer, train=True)
+    rng = random.Random(seed)
+    collate = Collator(tokenizer.pad_token_id)
+    out, lengths, text_lengths = [], [], []
+    for _ in range(count):
+        items = [dataset[(rng.randrange(len(records)), rng.randrange(2 ** 31))] for _ in range(size)]
+        if vocab is not None:  # a word-level stand-in tokenizer may outgrow a tiny model's vocabulary
+            for item in items:
+                item["text_ids"] = torch.where(item["text_ids"] < vocab, item["text_ids"], 3)
+        lengths += [len(item["patches"]) for item in items]
+        text_lengths += [len(item["text_ids"]) for item in items]
+        out.append(pinned(collate(items), device))
+    return out, lengths, text_lengths
+
+
+def data_pipeline(tokenizer, spec, device, folder):
+    """Samples/s of the data pipeline alone per dataset and worker count, plus the time one sample
+    takes in one process (what each worker spends per sample)."""
+    from synthetic_midi import write_long_pieces
+    long_mtf, long_midi = write_long_pieces(folder, count=spec["long_pieces"], seed=0)
+    sets = {"demo_abc": ROOT / "demo" / "abc_train.jsonl", "demo_mtf": ROOT / "demo" / "mtf_train.jsonl",
+            "long_mtf": long_mtf, "long_midi": long_midi}
+    rows = []
+    for label, path in sets.items():
+        records = scan_data_file(path, workers=min(16, os.cpu_count() or 1)).records
+        dataset = MusicTextDataset(records, tokenizer, train=True)
+        start = time.perf_counter()
+        lengths = [len(dataset[(i % len(records), i)]["patches"]) for i in range(spec["item_samples"])]
+        per_item = (time.perf_counter() - start) / spec["item_samples"]
+        rows.append({"data": label, "workers": "item", "samples_per_s": 1 / per_item, "ms_per_sample": per_item * 1000,
+                     "mean_patches": statistics.mean(lengths), "records": len(records)})
+        log(f"  {label:10s} one sample in-process: {per_item * 1000:8.2f} ms (mean {statistics.mean(lengths):.0f} "
+            f"patches) -> at most {len(spec['workers']) and max(spec['workers'])} workers x {1 / per_item:.0f}/s")
+        if label in ("long_midi", "demo_mtf"):
+            continue  # long_midi: seconds per batch per worker; demo_mtf: between demo_abc and long_mtf
+        for workers in spec["workers"]:
+            loader = make_loader(dataset, RandomKeys(len(records), 10 ** 6, seed=workers), 32,
+                                 num_workers=workers, pin_memory=device.type == "cuda")
+            batches = iter(loader)
+            next(batches)  # worker start-up and the first prefetch are not counted
+            count, start = 0, time.perf_counter()
+            while time.perf_counter() - start < spec["data_seconds"]:
+                count += len(next(batches)["index"])
+            rate = count / (time.perf_counter() - start)
+            if workers:
+                batches._shutdown_workers()  # persistent workers would otherwise linger and load the CPU
+            del batches, loader
+            gc.collect()
+            rows.append({"data": label, "workers": workers, "samples_per_s": rate,
+                         "mean_patches": statistics.mean(lengths), "records": len(records)})
+            log(f"  {label:10s} workers {workers:2d}: {rate:9.1f} samples/s")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"), help="folder for results.json")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, few steps (CPU or GPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sections", default="ceiling,checks,naive,real,demo,data,levers",
+                        help="comma-separated subset of the sections to run")
+    parser.add_argument("--budget-s", type=float, default=500, help="skip later sections after this many seconds")
+    args = parser.parse_args(argv)
+    spec = SMOKE if args.smoke else FULL
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers deprecation notes per model
+    device = torch.device(args.device)
+    sections = set(args.sections.split(","))
+    started = time.time()
+    results = Results(args.out)
+    for name in ("recompile_limit", "cache_size_limit"):  # one compiled region per variant and mode
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
+
+    def time_left(section, need=0):
+        left = args.budget_s - (time.time() - started)
+        if section not in sections:
+            return False
+        if left < need:
+            log(f"-- skipping {section}: {left:.0f} s of the budget left")
+            results.put(f"skipped_{section}", f"budget: {left:.0f} s left")
+            return False
+        return True
+
+    env = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": str(device),
+           "card": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+           "torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
+           "preset": spec["preset"], "smoke": args.smoke, "command": " ".join([sys.executable] + sys.argv)}
+    import peft
+    import transformers
+    env.update(transformers=transformers.__version__, peft=peft.__version__)
+    results.put("env", env)
+    log(f"== {env['card']} | torch {env['torch']} | transformers {env['transformers']} | peft {env['peft']}")
+
+    config, state = base_state(spec["preset"])
+    ceiling = None
+    flops = {}
+    if time_left("ceiling"):
+        ceiling = matmul_ceiling(device, spec["ceiling_n"])
+        log(f"== matmul ceiling ({spec['ceiling_n']}^3): {ceiling:.1f} TFLOP/s")
+        flops = count_flops(config, state, device, spec)
+        log(f"== model FLOPs per sample: {flops['gflop_per_sample']:.1f} GFLOP (text fwd {flops['text_forward']:.1f}, "
+            f"symbolic fwd {flops['symbolic_forward']:.1f}, symbolic bwd + rest {flops['symbolic_backward_and_rest']:.1f})")
+        results.put("ceiling", {"matmul_tflops": ceiling, "n": spec["ceiling_n"], **flops})
+    gflop = flops.get("gflop_per_sample")
+
+    passed = set(VARIANTS)
+    if time_left("checks"):
+        log("== checks against the plain fp32 path (rel. error; bf16 paths <= 1e-2, fp32 paths <= 1e-5)")
+        checks = run_checks(config, state, device, spec, list(VARIANTS))
+        for name, e in checks.items():
+            log(f"  {name:24s} music {e['music']:.2e} text {e['text']:.2e} loss {e['loss']:.2e} "
+                f"grads {e['grads']:.2e} (worst tensor {e['grads_worst_tensor']:.2e}) "
+                f"{'ok' if e['pass'] else 'FAILED'}")
+        results.put("checks", checks)
+        passed = {name for name in VARIANTS if checks[name]["pass"]}
+
+    rows = []
+    failures = []
+
+    def real(name, size, batches=None, profile=False):
+        if name not in passed:
+            log(f"  {name}: not timed (failed its check)")
+            return None
+        batches = batches or full_batches(size, spec["length"], spec["text_tokens"], device,
+                                          vocab=config.text_vocab_size)
+        model = None
+        try:
+            model = build(config, state, device, name)
+            step = real_step(model, device)
+            row = measure(name, lambda: step, batches, device, spec, gflop, ceiling)
+            if profile and device.type == "cuda":
+                busy, top = gpu_busy(step, batches, device)
+                row.update(gpu_busy_ms=busy, top_kernels=top)
+                log(f"    GPU busy {busy:.2f} ms of {row['ms_per_step']:.2f} ms/step; top kernels: "
+                    + "; ".join(f"{k['kernel'][:48]} {k['ms_per_step']:.2f} ms x{k['calls_per_step']:.0f}" for k in top[:6]))
+            return row
+        except Exception as error:  # noqa: BLE001 -- recorded and printed; the other variants still run
+            failures.append({"variant": name, "batch": size, **failure(name, error)})
+            results.put("failures", failures)
+            return None
+        finally:
+            model = None
+            free(device)
+
+    if time_left("naive", 30):
+        log(f"== naive baseline (batch {spec['naive_batch']}, {spec['length']} patches)")
+        batches = full_batches(spec["naive_batch"], spec["length"], spec["text_tokens"], device, count=2,
+                               vocab=config.text_vocab_size)
+        model = build(config, state, device)
+        rows.append(measure("naive", lambda: naive_step(model, device, spec["length"]), batches, device, spec,
+                            gflop, ceiling, blocks=spec["naive_blocks"], steps=spec["naive_steps"], warmup=1))
+        del model, batches
+        free(device)
+        results.put("full_length", rows)
+
+    if time_left("real", 30):
+        log(f"== project training step, full length ({spec['length']} patches, {spec['text_tokens']} tokens)")
+        for size in spec["batches"]:
+            row = real("fast", size, profile=size in (spec["batches"][0], spec["batches"][-1]))
+            if row:
+                rows.append(row)
+                results.put("full_length", rows)
+        row = real("plain", spec["lever_batch"], profile=True)
+        if row:
+            rows.append(row)
+            results.put("full_length", rows)
+
+    tokenizer = None
+    demo_rows = []
+    if time_left("demo", 30):
+        tokenizer, tokenizer_note = word_tokenizer([ROOT / "demo" / n for n in ("abc_train.jsonl", "abc_eval.jsonl",
+                                                                                "mtf_train.jsonl")], None)
+        log(f"== demo ABC length mix (real training samples; text tokenizer: {tokenizer_note})")
+        stats = {}
+        for size in spec["batches"]:
+            batches, lengths, text_lengths = demo_batches(tokenizer, size, spec["demo_batches"], device,
+                                                          vocab=config.text_vocab_size)
+            stats = {"mean_patches": statistics.mean(lengths), "max_patches": max(lengths),
+                     "mean_text_tokens": statistics.mean(text_lengths), "tokenizer": tokenizer_note}
+            for name in (("fast", "plain") if size == spec["lever_batch"] else ("fast",)):
+                row = real(name, size, batches)
+                if row:
+                    row.pop("mfu", None)
+                    demo_rows.append(row)
+            results.put("demo_mix", {"rows": demo_rows, **stats})
+        log(f"  lengths: mean {stats['mean_patches']:.1f} patches (max {stats['max_patches']}), "
+            f"mean {stats['mean_text_tokens']:.1f} text tokens")
+
+    lever_rows = []
+    if "levers" in sections:
+        log(f"== levers, one at a time (batch {spec['lever_batch']}, {spec['length']} patches)")
+        for name in ["fast"] + list(VARIANTS):
+            if name in ("plain", "fast_fp32w") or (name == "fast" and lever_rows):
+                continue  # fast/plain timed above; bf16 storage is timed on the plain path (compile time)
+            if not time_left("levers", 45):  # leave time for the data section
+                break
+            row = real(name, spec["lever_batch"])
+            if row:
+                if name == "fast":
+                    row["variant"] = "fast_repeat"  # the default timed again: the run-to-run spread
+                lever_rows.append(row)
+                results.put("levers", lever_rows)
+        big = spec["batches"][-1]
+        for name in ("fast_regions", "fast_bf16_residual", "plain"):  # the GPU-bound regime
+            if not time_left("levers", 45):
+                break
+            row = real(name, big)
+            if row:
+                lever_rows.append(row)
+                results.put("levers", lever_rows)
+
+    data_rows = []
+    if time_left("data", 20):
+        if tokenizer is None:
+            tokenizer, _ = word_tokenizer([ROOT / "demo" / "abc_train.jsonl", ROOT / "demo" / "mtf_train.jsonl"], None)
+        log("== data pipeline alone (JSONL -> clamp3_lora.data -> DataLoader -> pinned batches of 32)")
+        with tempfile.TemporaryDirectory() as folder:
+            data_rows = data_pipeline(tokenizer, spec, device, folder)
+        results.put("data_pipeline", data_rows)
+
+    summary(results, rows, demo_rows, data_rows, lever_rows, spec)
+    log(f"== done in {time.time() - started:.0f} s; results in {results.path}")
+
+
+def summary(results, rows, demo_rows, data_rows, lever_rows, spec):
+    """The closing table: full length, demo mix, levers, data, and the targets."""
+    log("\n" + "=" * 100)
+    log(f"{'setting':28s} {'batch':>5s} {'ms/step':>9s} {'samples/s':>10s} {'peak GiB':>9s} {'MFU':>6s}  vs naive")
+    naive = next((r for r in rows if r["variant"] == "naive"), None)
+    for title, group in (("full length", rows), ("levers (full length)", lever_rows),
+                         ("demo ABC mix", demo_rows)):
+        if not group:
+            continue
+        log(f"-- {title}")
+        for r in group:
+            speedup = f"{r['samples_per_s'] / naive['samples_per_s']:.1f}x" if naive else ""
+            mfu = f"{r['mfu']:.1%}" if "mfu" in r else ""
+            log(f"{r['variant']:28s} {r['batch']:5d} {r['ms_per_step']:9.2f} {r['samples_per_s']:10.1f} "
+                f"{r['peak_gib']:9.2f} {mfu:>6s}  {speedup}")
+    if data_rows:
+        log("-- data pipeline (samples/s)")
+        for r in data_rows:
+            log(f"{r['data']:12s} workers {str(r['workers']):>4s}: {r['samples_per_s']:9.1f}")
+    targets = {}
+    best = {r["batch"]: r for r in rows if r["variant"] == "fast"}
+    if naive and spec["naive_batch"] in best:
+        fast32 = best[spec["naive_batch"]]
+        targets["speedup_vs_naive_batch32"] = fast32["samples_per_s"] / naive["samples_per_s"]
+        targets["mfu_batch32"] = fast32.get("mfu")
+        targets["peak_gib_batch32"] = fast32["peak_gib"]
+    if best:
+        top = max(best.values(), key=lambda r: r["samples_per_s"])
+        targets["best_full_length"] = {k: top[k] for k in ("batch", "samples_per_s", "mfu") if k in top}
+    demo_fast = {r["batch"]: r for r in demo_rows if r["variant"] == "fast"}
+    targets["demo_over_full"] = {size: demo_fast[size]["samples_per_s"] / best[size]["samples_per_s"]
+                                 for size in demo_fast if size in best}
+    if data_rows:
+        for label, regime in (("demo_abc", demo_fast), ("long_mtf", best), ("demo_mtf", best)):
+            rates = [r["samples_per_s"] for r in data_rows if r["data"] == label and r["workers"] != "item"]
+            if rates and regime:
+                train = max(r["samples_per_s"] for r in regime.values())
+                targets[f"data_{label}_over_training"] = max(rates) / train
+    log(f"-- targets: {json.dumps(targets, default=str)}")
+    results.put("targets", targets)
+
+
+if __name__ == "__main__":
+    main()

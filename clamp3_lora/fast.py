@@ -1,0 +1,432 @@
+"""Fast paths of the encoders: the same function as the transformers modules, computed faster.
+
+`Clamp3.prepare_for_training(...)` switches them on; `Clamp3.text_features` and `music_features`
+then call `text_hidden` / `music_hidden` here instead of the transformers forward. The weights stay
+the transformers/peft parameters (adapters keep peft's standard format); only the computation
+differs:
+
+- Unpadded tokens ("packing"): the padded batch [B, L] is cut down to its T real tokens [T, hidden]
+  once, every layer works on those only, and attention runs per sample over the packed tokens
+  (flash attention's variable-length kernel on CUDA, i.e. block-diagonal attention: each piece
+  sees only itself). Nothing is computed on padding, however mixed the lengths are.
+- Fused layers: a layer is one plain function (`layer_forward`: the query/key/value projections
+  as one matmul, LoRA, attention, residuals, LayerNorm, GELU, dropout). With compile="layer" it is
+  one torch.compile graph reused by all layers (weights are inputs); attention sits in it as the
+  aten flash-attention call, which inductor runs as an opaque kernel (it cannot rewrite it into
+  the slow unfused attention seen when SDPA was compiled). compile="regions" compiles the two
+  regions around attention instead and leaves attention outside.
+- Shared LoRA dropout: one dropout mask of a layer's input feeds the LoRA of query, key and value
+  (one [T, hidden] x [hidden, 3r] matmul) instead of three masks; each projection's LoRA still sees
+  its input dropped with probability p, as in peft.
+- Explicit compute dtype: the fast path runs with autocast off, in the autocast dtype of the caller
+  (bf16/fp16 matmuls, LayerNorm in fp32, the residual stream in fp32 unless fp32_residual=False),
+  so frozen weights stored in bf16 are used as they are, without per-step casts.
+
+Measured on an H100 in BENCHMARKS.md (bench/train_step.py).
+
+Semantics kept (tests/test_fast_paths.py compares with the transformers path): BERT/XLM-R post-LN
+layers with exact (erf) GELU, hidden and attention-probability dropout in training mode, absolute
+positions (the column of a patch in its padded row; XLM-R's positions counted from the pad id),
+token type 0, masked mean over the real tokens.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import Clamp3LoraError
+
+ATTENTION_MODES = ("auto", "varlen", "padded")
+COMPILE_MODES = ("layer", "regions", "none")
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    """Which fast paths a model uses (Clamp3.fast; None means the plain transformers forward)."""
+
+    compile: str = "none"
+    """CUDA only. "layer": torch.compile each whole layer as one graph (attention in it as the aten
+    flash kernel, an opaque call inductor cannot rewrite); "regions": compile the two regions
+    around attention, attention left outside; "none": eager."""
+    shared_lora_dropout: bool = True
+    """One LoRA dropout mask per layer input for query/key/value (one fused LoRA matmul)."""
+    attention: str = "auto"
+    """varlen (flash attention over packed tokens, CUDA bf16/fp16), padded (SDPA over rows padded to
+    the longest piece, key-masked), or auto (varlen where it can run, else padded)."""
+    fp32_residual: bool = True
+    """Keep the residual stream (LayerNorm outputs) in fp32, as autocast does; False keeps it in the
+    compute dtype (less memory traffic, slightly larger rounding error)."""
+
+    def residual_dtype(self, cd):
+        return torch.float32 if self.fp32_residual else cd
+
+
+# --------------------------------------------------------------------------------------------
+# Packed tokens
+
+
+@dataclass
+class Tokens:
+    """The real tokens of a padded batch: where they are and how they split into samples."""
+    index: torch.Tensor      # [T] flat positions (row * width + column) of the real tokens, row-major
+    column: torch.Tensor     # [T] column of each token in its padded row
+    cu: torch.Tensor         # [B + 1] int32 cumulative token counts (sample b is cu[b]:cu[b+1])
+    batch: int
+    width: int               # padded row width L (an upper bound of every sample's length)
+
+    @classmethod
+    def of(cls, mask):
+        """Tokens of a [B, L] mask (nonzero = real token). One host sync (the token count)."""
+        batch, width = mask.shape
+        real = mask != 0
+        index = real.reshape(-1).nonzero().squeeze(1)
+        cu = F.pad(real.sum(1).cumsum(0), (1, 0)).to(torch.int32)
+        return cls(index=index, column=index % width, cu=cu, batch=batch, width=width)
+
+    def pad(self, x):
+        """[T, ...] -> [B, L, ...] with zeros at the padding."""
+        out = x.new_zeros((self.batch * self.width,) + tuple(x.shape[1:])).index_copy(0, self.index, x)
+        return out.view((self.batch, self.width) + tuple(x.shape[1:]))
+
+    def attention_layout(self, varlen):
+        """What attention needs, as tensors (compiled code sees every size as a tensor dimension):
+        varlen: (cu, an empty [L] tensor whose length bounds every sample); padded: also the slot
+        of each token in a [B, L] layout and the [B, 1, 1, L] key mask."""
+        bound = torch.empty(self.width, device=self.cu.device, dtype=torch.int8)
+        if varlen:
+            return (self.cu, bound, None, None)
+        row = self.index // self.width
+        rank = torch.arange(row.shape[0], device=row.device) - self.cu.long()[row]  # place in its sample
+        slot = row * self.width + rank
+        keys = torch.zeros(self.batch * self.width, dtype=torch.bool, device=row.device).index_fill(0, slot, True)
+        return (self.cu, bound, slot, keys.view(self.batch, 1, 1, self.width))
+
+
+# --------------------------------------------------------------------------------------------
+# Attention over packed tokens
+
+
+def varlen_available(device, dtype, head_size):
+    """Whether flash attention's variable-length kernel can run (CUDA sm80+, bf16/fp16)."""
+    return (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and head_size % 8 == 0
+            and head_size <= 256 and torch.cuda.get_device_capability(device)[0] >= 8)
+
+
+def attend(q, k, v, layout, dropout_p, scale):
+    """Attention of each sample over its own tokens; q, k, v [T, heads, head size] -> same shape.
+
+    layout from Tokens.attention_layout: without a slot tensor, flash attention's variable-length
+    kernel over the packed tokens (aten op with its own autograd; dropout inside the kernel);
+    with one, SDPA over rows padded to L with the padding keys masked (CPU, fp32).
+    """
+    cu, bound, slot, keys = layout
+    if slot is None:
+        width = bound.shape[0]
+        return torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, width, width, dropout_p, False, False, scale=scale)[0]
+    batch, width = keys.shape[0], keys.shape[-1]
+    heads, size = q.shape[1], q.shape[2]
+
+    def pad(x):
+        out = x.new_zeros(batch * width, heads, size).index_copy(0, slot, x)
+        return out.view(batch, width, heads, size).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=keys, dropout_p=dropout_p, scale=scale)
+    return out.transpose(1, 2).reshape(batch * width, heads, size).index_select(0, slot)
+
+
+def padded_attention(q, k, v, tokens, dropout_p, scale):
+    """SDPA over rows padded to L, padding keys masked (the CPU path; also a GPU alternative)."""
+    return attend(q, k, v, tokens.attention_layout(varlen=False), dropout_p, scale)
+
+
+# --------------------------------------------------------------------------------------------
+# The two per-layer regions (plain functions of tensors: compilable, and used as they are on CPU)
+
+
+def _lora(x, lora, training, cd):
+    """LoRA term B(A(dropout(x))) * scale of one projection; lora = (A, B, B bias, scale, p)."""
+    a, b, b_bias, scale, p = lora
+    low = F.linear(F.dropout(x, p, training) if p else x, a.to(cd))
+    return F.linear(low, b.to(cd), None if b_bias is None else b_bias.to(cd)) * scale
+
+
+def _project(x, linear, training, cd):
+    """A Linear (weight, bias, loras) applied to x in dtype cd, each LoRA with its own dropout."""
+    weight, bias, loras = linear
+    y = F.linear(x, weight.to(cd), None if bias is None else bias.to(cd))
+    for lora in loras:
+        y = y + _lora(x, lora, training, cd)
+    return y
+
+
+def attention_inputs(h, query, key, value, heads, training, shared, cd):
+    """Region 1 of a layer: q, k, v [T, heads, head size] from h [T, hidden].
+
+    The three frozen projections are one matmul over their concatenated weights. LoRA: with
+    `shared`, one dropout mask of h feeds all three LoRA A matrices (one matmul), else each LoRA
+    drops its own copy of h (peft's way).
+    """
+    linears = (query, key, value)
+    weight = torch.cat([lin[0] for lin in linears]).to(cd)
+    bias = None
+    if all(lin[1] is not None for lin in linears):
+        bias = torch.cat([lin[1] for lin in linears]).to(cd)
+    h = h.to(cd)
+    outs = list(F.linear(h, weight, bias).split([lin[0].shape[0] for lin in linears], dim=-1))
+    with_lora = [j for j, lin in enumerate(linears) if lin[2]]
+    ps = {lora[4] for j in with_lora for lora in linears[j][2]}
+    single = all(len(linears[j][2]) == 1 for j in with_lora)
+    if shared and with_lora and len(ps) == 1 and single:
+        p = ps.pop()
+        dropped = F.dropout(h, p, training) if p else h
+        loras = [linears[j][2][0] for j in with_lora]
+        low = F.linear(dropped, torch.cat([lora[0] for lora in loras]).to(cd))
+        start = 0
+        for j, (a, b, b_bias, scale, _) in zip(with_lora, loras):
+            rank = a.shape[0]
+            term = F.linear(low[:, start:start + rank], b.to(cd), None if b_bias is None else b_bias.to(cd))
+            outs[j] = outs[j] + term * scale
+            start += rank
+    else:
+        for j in with_lora:
+            for lora in linears[j][2]:
+                outs[j] = outs[j] + _lora(h, lora, training, cd)
+    tokens = h.shape[0]
+    return tuple(out.reshape(tokens, heads, -1).contiguous() for out in outs)
+
+
+def attention_output_and_ffn(ctx, h, out_linear, norm1, inter_linear, ffn_linear, norm2, hidden_p,
+                             training, cd, rd):
+    """Region 2 of a layer: attention output projection, dropout, residual + LayerNorm, GELU
+    feed-forward, dropout, residual + LayerNorm (post-LN BERT). LayerNorm in fp32; the output (the
+    residual stream) in dtype rd."""
+    a = F.dropout(_project(ctx, out_linear, training, cd), hidden_p, training)
+    h1 = _layer_norm(a.float() + h.float(), norm1).to(rd)
+    f = F.gelu(_project(h1.to(cd), inter_linear, training, cd))
+    f = F.dropout(_project(f, ffn_linear, training, cd), hidden_p, training)
+    return _layer_norm(f.float() + h1.float(), norm2).to(rd)
+
+
+def embeddings_out(x, token_type, positions, norm, hidden_p, training, rd):
+    """Input embeddings + token type 0 + positions, LayerNorm (fp32), dropout; [T, hidden] in rd."""
+    e = (x.float() + token_type.float()) + positions.float()
+    return F.dropout(_layer_norm(e, norm), hidden_p, training).to(rd)
+
+
+def layer_forward(h, layout, parts, training, shared, cd, rd):
+    """One whole layer (both regions and attention) on packed tokens: the unit that "layer"
+    compilation turns into one graph, reused by every layer (weights are inputs)."""
+    (query, key, value, heads, head_size, attention_p, out_linear, norm1, inter, ffn, norm2, hidden_p) = parts
+    q, k, v = attention_inputs(h, query, key, value, heads, training, shared, cd)
+    ctx = attend(q, k, v, layout, attention_p if training else 0.0, head_size ** -0.5)
+    return attention_output_and_ffn(ctx.reshape(ctx.shape[0], -1), h, out_linear, norm1, inter, ffn, norm2,
+                                    hidden_p, training, cd, rd)
+
+
+def _layer_norm(x, norm):
+    weight, bias, eps = norm
+    return F.layer_norm(x, (x.shape[-1],), weight.float(), None if bias is None else bias.float(), eps)
+
+
+_REGIONS = {"attention_inputs": attention_inputs, "attention_output_and_ffn": attention_output_and_ffn,
+            "embeddings_out": embeddings_out, "layer_forward": layer_forward}
+_COMPILED = {}
+
+
+def _region(name, compiled):
+    """The region function, compiled once per process when asked."""
+    if not compiled:
+        return _REGIONS[name]
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(_REGIONS[name], fullgraph=True)
+    return _COMPILED[name]
+
+
+def _dynamic(x, compiled, *dims):
+    """Mark the token (or batch) dimensions dynamic: one compiled graph for every batch shape."""
+    if compiled and x is not None:
+        for dim in dims or (0,):
+            torch._dynamo.maybe_mark_dynamic(x, dim)
+    return x
+
+
+def _dynamic_layout(layout, compiled):
+    cu, bound, slot, keys = layout
+    return (_dynamic(cu, compiled), _dynamic(bound, compiled), _dynamic(slot, compiled),
+            _dynamic(keys, compiled, 0, 3))
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the transformers / peft modules
+
+
+def _linear_parts(module, where):
+    """(weight, bias, loras) of an nn.Linear or a peft LoRA Linear; each LoRA is (A, B, B bias, scale, p)."""
+    base = getattr(module, "base_layer", None)
+    if base is None:
+        return module.weight, module.bias, ()
+    if module.merged or module.disable_adapters or getattr(module, "lora_variant", {}):
+        raise Clamp3LoraError(
+            f"{where}: the fast encoder path supports plain (unmerged, enabled) LoRA only; "
+            f"use prepare_for_training(..., fast_encoder=False) for this adapter")
+    loras = []
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        dropout = module.lora_dropout[name]
+        p = float(getattr(dropout, "p", 0.0))
+        lora_b = module.lora_B[name]
+        loras.append((module.lora_A[name].weight, lora_b.weight, lora_b.bias, float(module.scaling[name]), p))
+    return base.weight, base.bias, tuple(loras)
+
+
+def _norm(layer_norm):
+    return layer_norm.weight, layer_norm.bias, float(layer_norm.eps)
+
+
+def check_encoder(bert, where):
+    """Raise Clamp3LoraError if a BertModel/XLMRobertaModel has something the fast path does not do."""
+    config = bert.config
+    problems = []
+    if config.hidden_act != "gelu":
+        problems.append(f"activation {config.hidden_act!r} (only exact 'gelu')")
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        problems.append("decoder / cross-attention layers")
+    if getattr(config, "position_embedding_type", "absolute") != "absolute":
+        problems.append(f"position embeddings {config.position_embedding_type!r}")
+    if problems:
+        raise Clamp3LoraError(f"{where}: the fast encoder path cannot run this encoder: " + "; ".join(problems))
+    for i, layer in enumerate(bert.encoder.layer):
+        _layer_parts(layer, f"{where} layer {i}")
+
+
+def _layer_parts(layer, where):
+    """The tensors and settings of one BERT layer, as the tuple layer_forward takes."""
+    attention = layer.attention.self
+    return (_linear_parts(attention.query, where), _linear_parts(attention.key, where),
+            _linear_parts(attention.value, where), attention.num_attention_heads, attention.attention_head_size,
+            float(attention.dropout.p), _linear_parts(layer.attention.output.dense, where),
+            _norm(layer.attention.output.LayerNorm), _linear_parts(layer.intermediate.dense, where),
+            _linear_parts(layer.output.dense, where), _norm(layer.output.LayerNorm), float(layer.output.dropout.p))
+
+
+def _encoder_parts(bert):
+    """Every layer's parts, cached on the encoder: rebuilt when an adapter is added, removed,
+    merged, disabled or switched, or a dropout probability changes (checked on the first layer)."""
+    first = bert.encoder.layer[0]
+    query = first.attention.self.query
+    lora_p = tuple(float(getattr(d, "p", 0.0)) for d in getattr(query, "lora_dropout", {}).values())
+    key = (id(query), getattr(query, "merged", None), getattr(query, "disable_adapters", None),
+           tuple(getattr(query, "active_adapters", ())), lora_p, float(first.attention.self.dropout.p),
+           float(first.output.dropout.p), len(bert.encoder.layer))
+    cached = bert.__dict__.get("_clamp3_fast_parts")
+    if cached is None or cached[0] != key:
+        parts = [_layer_parts(layer, f"layer {i}") for i, layer in enumerate(bert.encoder.layer)]
+        cached = (key, parts)
+        bert.__dict__["_clamp3_fast_parts"] = cached
+    return cached[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Encoders
+
+
+def compute_dtype(device_type, weight):
+    """The autocast dtype when autocast is on for the device, else the weights' dtype."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+def encode(bert, h, tokens, options, cd):
+    """Run the layers of a BertModel/XLMRobertaModel over packed tokens h [T, hidden] -> [T, hidden]."""
+    training = bert.training
+    mode = options.compile if h.is_cuda else "none"
+    compiled = mode != "none"
+    rd = options.residual_dtype(cd)
+    parts = _encoder_parts(bert)
+    head_size = parts[0][4]
+    varlen = options.attention == "varlen" or (
+        options.attention == "auto" and varlen_available(h.device, cd, head_size))
+    layout = _dynamic_layout(tokens.attention_layout(varlen), compiled)
+    if mode in ("layer", "none"):
+        layer = _region("layer_forward", mode == "layer")
+        for layer_parts in parts:
+            h = layer(_dynamic(h, compiled), layout, layer_parts, training, options.shared_lora_dropout, cd, rd)
+        return h
+    inputs_region = _region("attention_inputs", True)
+    output_region = _region("attention_output_and_ffn", True)
+    for (query, key, value, heads, size, attention_p, out, norm1, inter, ffn, norm2, hidden_p) in parts:
+        q, k, v = inputs_region(_dynamic(h, True), query, key, value, heads, training,
+                                options.shared_lora_dropout, cd)
+        ctx = attend(q, k, v, layout, attention_p if training else 0.0, size ** -0.5)
+        h = output_region(_dynamic(ctx.reshape(ctx.shape[0], -1), True), _dynamic(h, True), out, norm1, inter,
+                          ffn, norm2, hidden_p, training, cd, rd)
+    return h
+
+
+def _embeddings(bert, x, positions, options, cd):
+    embeddings = bert.embeddings
+    compiled = options.compile != "none" and x.is_cuda
+    region = _region("embeddings_out", compiled)
+    rows = embeddings.position_embeddings.weight.index_select(0, positions)
+    token_type = embeddings.token_type_embeddings.weight[0]
+    return region(_dynamic(x, compiled), token_type, _dynamic(rows, compiled),
+                  _norm(embeddings.LayerNorm), float(embeddings.dropout.p), bert.training,
+                  options.residual_dtype(cd))
+
+
+def music_hidden(encoder, patches, patch_mask, options):
+    """Last hidden state [B, L, hidden] (fp32, zeros at padding) of a SymbolicEncoder, packed."""
+    bert = encoder.bert
+    device_type = patches.device.type
+    cd = compute_dtype(device_type, bert.encoder.layer[0].intermediate.dense.weight)
+    tokens = Tokens.of(patch_mask)
+    flat = patches.reshape(-1, patches.shape[-1]).index_select(0, tokens.index)
+    with torch.autocast(device_type, enabled=False):
+        x = encoder.embed_patches(flat.unsqueeze(0)).squeeze(0)
+        h = _embeddings(bert, x, tokens.column, options, cd)
+        h = encode(bert, h, tokens, options, cd)
+        return tokens.pad(h.float())
+
+
+def text_hidden(text_model, input_ids, attention_mask, options):
+    """Last hidden state [B, T, hidden] (fp32, zeros at padding) of an XLMRobertaModel, packed."""
+    device_type = input_ids.device.type
+    cd = compute_dtype(device_type, text_model.encoder.layer[0].intermediate.dense.weight)
+    tokens = Tokens.of(attention_mask)
+    pad_id = text_model.embeddings.padding_idx
+    not_pad = input_ids.ne(pad_id).int()
+    positions = (torch.cumsum(not_pad, dim=1).type_as(not_pad) * not_pad).long() + pad_id
+    ids = input_ids.reshape(-1).index_select(0, tokens.index)
+    positions = positions.reshape(-1).index_select(0, tokens.index)
+    with torch.autocast(device_type, enabled=False):
+        x = text_model.embeddings.word_embeddings.weight.index_select(0, ids)
+        h = _embeddings(text_model, x, positions, options, cd)
+        h = encode(text_model, h, tokens, options, cd)
+        return tokens.pad(h.float())
+
+
+def store_frozen_weights(model, dtype):
+    """Store every frozen floating-point matrix (Linear weights, embedding tables) in `dtype`, in
+    place; biases, LayerNorm parameters and trainable (LoRA) parameters keep their dtype."""
+    converted = 0
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point() and param.dim() == 2 and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            converted += param.numel()
+    return converted
+
+
+__all__ = ["FastPaths", "Tokens", "attend", "padded_attention", "varlen_available", "layer_forward",
+           "COMPILE_MODES",
+           "attention_inputs", "attention_output_and_ffn", "embeddings_out", "check_encoder",
+           "compute_dtype", "encode", "music_hidden", "text_hidden", "store_frozen_weights",
+           "ATTENTION_MODES", "settings_from_config"]
+
+
+def settings_from_config(cfg):
+    """The keyword arguments of Clamp3.prepare_for_training from a TrainConfig's speed fields."""
+    return dict(fast_encoder=cfg.fast_encoder, compile=cfg.compile_layers, bf16_weights=cfg.bf16_weights,
+                shared_lora_dropout=cfg.shared_lora_dropout, fp32_residual=cfg.fp32_residual)
