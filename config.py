@@ -41,6 +41,9 @@ class TrainConfig:
     """Dropout on the LoRA input."""
     lora_targets: str = "query,key,value"
     """Comma-separated module names of the symbolic BERT that get LoRA."""
+    encoder_dropout: float = 0.1
+    """Dropout inside the frozen symbolic BERT while training (hidden and attention dropout; 0.1 as in
+    CLaMP 3's own training). The frozen text encoder always runs without dropout."""
 
     # --- optimisation ------------------------------------------------------------------------
     epochs: int = 10
@@ -85,7 +88,28 @@ class TrainConfig:
     keep_epoch_checkpoints: int = 3
     """Epoch checkpoints kept per stage; older ones are deleted."""
     resume: str = ""
-    """"auto" continues from the newest valid checkpoint; a path resumes from that checkpoint."""
+    """"auto" continues each stage from its newest valid checkpoint (a finished stage is skipped; a
+    corrupt newest checkpoint is passed over with a warning); a path continues from that checkpoint
+    (its stage; earlier stages are skipped); "fresh" deletes the stages' old checkpoints and starts
+    over. Empty (default): start fresh, but refuse if an earlier run left checkpoints."""
+
+    # --- speed: fast paths of the training step (measured in BENCHMARKS.md; each computes the same
+    # function as the plain path, tests/test_fast_paths.py) --------------------------------------
+    fast_encoder: bool = True
+    """Run both encoders on the packed real tokens (nothing computed on padding) with fused layers and
+    varlen flash attention on CUDA; --no-fast-encoder: the plain transformers forward."""
+    compile_layers: bool = True
+    """torch.compile each layer of the fast encoder as one graph, reused by all layers (CUDA only;
+    attention in it is the opaque flash-attention kernel)."""
+    bf16_weights: bool = True
+    """With --precision bf16 on CUDA, store the frozen weights in bf16 once (no per-step casts, half
+    the memory); the LoRA weights stay fp32."""
+    shared_lora_dropout: bool = True
+    """One LoRA dropout mask per layer input shared by query/key/value (one fused LoRA matmul)
+    instead of one mask per projection."""
+    fp32_residual: bool = True
+    """Keep the fast encoder's residual stream in fp32 (as autocast does); --no-fp32-residual keeps
+    it in bf16 (less memory traffic, slightly larger rounding error)."""
 
     # --- guards and hardware -----------------------------------------------------------------
     max_bad_steps_in_row: int = 10
@@ -93,10 +117,15 @@ class TrainConfig:
     device: str = "cuda"
     """cuda (default; fails without a GPU) or cpu (explicit opt-in)."""
     fault_inject: str = ""
-    """Test hook: comma-separated faults "KIND@STEP[:RANK]" with KIND oom or nan, STEP the global
-    micro-step counted from 0 in the stage; also read from CLAMP3_LORA_FAULTS."""
+    """Test hook: comma-separated faults "KIND@STEP[:RANK]", STEP the stage's global micro-step (batch)
+    counted from 0 across epochs, RANK limiting it to one process. KIND: oom (a CUDA out-of-memory
+    error in the forward pass), oomback (the same in the backward pass), nan (NaN loss), nangrad (NaN
+    gradient), sigint, sigterm, sigkill (that signal sent to the process itself before the batch), error
+    (an unexpected RuntimeError before the batch), hang (stop answering before the batch until a stop
+    signal arrives). Also read from CLAMP3_LORA_FAULTS."""
     dist_timeout_s: int = 1800
-    """Timeout of collective operations under torchrun, in seconds."""
+    """Timeout of collective operations under torchrun, in seconds: a process lost or stuck for longer
+    ends the job with an error instead of a hang (raise it if rank 0's data scan takes longer)."""
 
 
 def demo_overrides():
