@@ -155,6 +155,30 @@ def identity_differences(saved, current):
     return lines
 
 
+def launch_command(world_size):
+    """How a run with `world_size` processes is started (for messages)."""
+    if world_size == 1:
+        return "python train_clamp3_lora.py ..."
+    return (f"torchrun --nproc_per_node={world_size} train_clamp3_lora.py ... (or nodes x processes per "
+            f"node = {world_size} across several nodes)")
+
+
+def check_world_size(path, saved, current):
+    """Refuse, with a CheckpointError that says why and what to do, a checkpoint written by a run
+    with another number of processes: the data order is sharded per rank, the global batch is
+    batch_size x world size, and each rank's RNG state is saved on its own, so the same training
+    cannot continue with another world size."""
+    if saved is None or current is None or saved == current:
+        return
+    raise CheckpointError(
+        f"checkpoint {path} was written by a run with {saved} process(es) (world size {saved}); this run has "
+        f"{current}. A checkpoint continues only with the world size that wrote it: the data order is "
+        f"sharded across the ranks, the global batch is batch size x world size, and every rank's RNG "
+        f"state is saved separately.\n"
+        f"  Continue it:  {launch_command(saved)} --resume auto\n"
+        f"  Or start over with {current} process(es): --resume fresh")
+
+
 def check(path, state, stage=None, identity=None):
     """Validate a read checkpoint: the right stage, and the same identity (model, LoRA shape, data
     files, settings that change the math) as the run that wants to continue from it. Raises
@@ -162,6 +186,7 @@ def check(path, state, stage=None, identity=None):
     if stage is not None and state["stage"] != stage:
         raise CheckpointError(f"checkpoint {path} belongs to stage {state['stage']}, not {stage}")
     if identity is not None:
+        check_world_size(path, state["identity"].get("world_size"), identity.get("world_size"))
         differences = identity_differences(state["identity"], identity)
         if differences:
             raise CheckpointError(

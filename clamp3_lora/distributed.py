@@ -6,7 +6,13 @@ A plain `python train_clamp3_lora.py` never touches torch.distributed: `setup` r
 `torchrun --nproc_per_node=N train_clamp3_lora.py` (which sets RANK, WORLD_SIZE, LOCAL_RANK), `setup`
 joins the process group (NCCL on GPUs, gloo on the CPU) with a timeout on every collective, and each
 process drives the GPU of its LOCAL_RANK.
+
+A collective that fails (another process crashed or was killed, or did not answer within the timeout)
+raises DistributedError, which says so, instead of a bare backend error; with NCCL a timed-out
+collective aborts the process from PyTorch's watchdog, with its own message. Either way the job ends
+(torchrun then stops the other processes) instead of hanging.
 """
+import contextlib
 import datetime
 import hashlib
 import os
@@ -15,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import Clamp3LoraError
+from .errors import Clamp3LoraError, DistributedError
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,22 @@ def teardown():
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def collective(what):
+    """Run the collective `what` (a few words for the message); a backend failure becomes a
+    DistributedError that says what it means. An out-of-memory error passes through unchanged."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError as error:
+        raise DistributedError(
+            f"{what} across the {dist.get_world_size()} processes failed on rank {dist.get_rank()}: another "
+            f"process stopped (crashed, killed, out of memory; its own error, if it printed one, is above) "
+            f"or did not answer within the collective timeout (--dist-timeout-s). The job stops here; "
+            f"continue it with --resume auto. ({type(error).__name__}: {error})") from error
+
+
 def is_main():
     """Whether this process is rank 0 (always true without a process group)."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
@@ -99,10 +121,11 @@ def is_main():
 def barrier():
     """Wait for every rank (no-op without a process group)."""
     if dist.is_available() and dist.is_initialized():
-        if dist.get_backend() == "nccl":
-            dist.barrier(device_ids=[torch.cuda.current_device()])
-        else:
-            dist.barrier()
+        with collective("a barrier"):
+            if dist.get_backend() == "nccl":
+                dist.barrier(device_ids=[torch.cuda.current_device()])
+            else:
+                dist.barrier()
 
 
 def _collective_device():
@@ -117,8 +140,9 @@ def all_reduce_flag(flag):
     if not (dist.is_available() and dist.is_initialized()):
         return bool(flag)
     value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_collective_device())
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    with collective("the all-reduce of a step flag (skip, stop)"):
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
 
 
 def all_gather_objects(obj):
@@ -126,7 +150,8 @@ def all_gather_objects(obj):
     if not (dist.is_available() and dist.is_initialized()):
         return [obj]
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
+    with collective("an all-gather of objects (RNG states)"):
+        dist.all_gather_object(gathered, obj)
     return gathered
 
 
@@ -135,7 +160,8 @@ def broadcast_object(obj):
     if not (dist.is_available() and dist.is_initialized()):
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    with collective("a broadcast from rank 0"):
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -170,15 +196,18 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tensor):
-        sizes = _gather_sizes(tensor)
+        with collective("the all-gather of the features"):
+            sizes = _gather_sizes(tensor)
+            gathered = _gather_padded(tensor, sizes)
         ctx.sizes = sizes
         ctx.rank = dist.get_rank()
-        return _gather_padded(tensor, sizes)
+        return gathered
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        with collective("the all-reduce of the feature gradients"):
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = sum(ctx.sizes[:ctx.rank])
         return grad[start:start + ctx.sizes[ctx.rank]]
 
@@ -196,7 +225,7 @@ def gather(tensor):
     """Like gather_with_grad but without autograd (evaluation, frozen text features)."""
     if not (dist.is_available() and dist.is_initialized()):
         return tensor
-    with torch.no_grad():
+    with torch.no_grad(), collective("the all-gather of the features"):
         return _gather_padded(tensor.detach(), _gather_sizes(tensor))
 
 

@@ -15,3 +15,8 @@ class CheckpointError(Clamp3LoraError):
 
 class DataError(Clamp3LoraError):
     """A data file problem that stops a run (names the file, and the line where there is one)."""
+
+
+class DistributedError(Clamp3LoraError):
+    """A collective operation across the torchrun processes failed: another process was lost
+    (crashed, killed) or did not answer within the collective timeout (--dist-timeout-s)."""

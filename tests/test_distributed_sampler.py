@@ -1,15 +1,20 @@
 """distributed.py: the resumable sharded sampler (simulated ranks), and the gather with gradient
-in 2 real gloo processes compared with 1 process on the concatenated batch."""
-import os
-import socket
+in 2 real gloo processes compared with 1 process on the concatenated batch; the trainer under
+torchrun with 2 processes equals 1 process (with faults on one rank), and SIGTERM to the launcher.
+More DDP tests (the real training step, evaluation, resume, lost ranks): test_ddp.py."""
+import signal
+import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from clamp3_lora import distributed
+from clamp3_lora import checkpoint, distributed
 from clamp3_lora.distributed import ResumableSampler
 from clamp3_lora.model import clip_loss
+from dist_fixtures import free_port, join_group, run_processes
+from trainer_fixtures import (explain, final_lora, log_dir, max_difference, read_history, read_steps,
+                              reference_run, run_torchrun, run_trainer, session_survivors, start_torchrun,
+                              stop_session, trainer_args)
 
 
 def epoch_batches(n, batch_size, world_size, epoch, seed=3, shuffle=True):
@@ -87,21 +92,13 @@ def test_world_size_one_needs_no_process_group():
     assert (dist.rank, dist.world_size, dist.distributed) == (0, 1, False)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def features(seed, rows):
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(rows, 6, generator=generator), torch.randn(rows, 6, generator=generator)
 
 
 def gather_worker(rank, world_size, port, sizes, results):
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    join_group(rank, world_size, port)
     try:
         music, text = features(rank, sizes[rank])
         music.requires_grad_(True)
@@ -117,11 +114,10 @@ def gather_worker(rank, world_size, port, sizes, results):
 
 def test_gather_with_grad_in_two_processes_equals_one_process():
     sizes = [3, 2]  # uneven, like the last batch of an epoch
-    manager = mp.Manager()
-    results = manager.dict()
-    # fork: the children reuse this process's imports (CPU only, no CUDA state to inherit)
-    mp.start_processes(gather_worker, args=(2, free_port(), sizes, results), nprocs=2, join=True,
-                       start_method="fork")
+    with torch.multiprocessing.Manager() as manager:
+        results = manager.dict()
+        run_processes(gather_worker, (2, free_port(), sizes, results))
+        results = dict(results)
     parts = [features(rank, sizes[rank]) for rank in range(2)]
     music = torch.cat([p[0] for p in parts]).requires_grad_(True)
     text = torch.cat([p[1] for p in parts])
@@ -138,49 +134,36 @@ def test_gather_with_grad_in_two_processes_equals_one_process():
 
 def test_two_process_training_equals_one_process_with_the_same_global_batch(tmp_path_factory, tmp_path):
     """torchrun, 2 processes on gloo, batch 2 each == 1 process with batch 4 (no dropout, so the
-    only randomness is the data, which is keyed per sample). An OOM injected on rank 1 only and a
-    NaN loss on rank 0 only make BOTH ranks skip those steps, exactly like the single process."""
-    import subprocess
-    import sys
-
-    from trainer_fixtures import (ROOT, explain, final_lora, max_difference, read_history, read_steps,
-                                  reference_run, run_trainer, trainer_args, trainer_env)
-
+    only randomness is the data, which is keyed per sample). An OOM and a NaN loss injected on rank
+    1 only, and a NaN gradient on rank 0 only, make BOTH ranks skip those steps, exactly like the
+    single process; only rank 0 prints (one warning per skipped batch, not one per rank)."""
     workspace, _ = reference_run(tmp_path_factory)
     common = dict(lora_dropout=0, encoder_dropout=0, dist_timeout_s=60)
-    single = run_trainer(trainer_args(workspace, tmp_path / "one", batch_size=4, fault_inject="oom@1,nan@3",
+    single = run_trainer(trainer_args(workspace, tmp_path / "one", batch_size=4, fault_inject="oom@1,nan@3,nangrad@5",
                                       **common))
     assert single.returncode == 0, explain(single)
-    args = trainer_args(workspace, tmp_path / "two", batch_size=2, fault_inject="oom@1:1,nan@3:0", **common)
-    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "train_clamp3_lora.py", *map(str, args)], cwd=ROOT, env=trainer_env(),
-                            capture_output=True, text=True, timeout=240)
+    double = run_torchrun(trainer_args(workspace, tmp_path / "two", batch_size=2,
+                                       fault_inject="oom@1:1,nan@3:1,nangrad@5:0", **common), timeout=240)
     assert double.returncode == 0, explain(double)
     assert "world size 2 (backend gloo)" in double.stdout
     assert max_difference(final_lora(tmp_path / "two"), final_lora(tmp_path / "one")) <= 1e-5
     skips = lambda out: [(s["step"], s["skipped"], s["batch_size"]) for s in read_steps(out)]
     assert skips(tmp_path / "two") == skips(tmp_path / "one")
-    assert [s for _, s, _ in skips(tmp_path / "one")][:4] == [None, "oom", None, "nonfinite_loss"]
+    assert [s for _, s, _ in skips(tmp_path / "one")][:6] == [None, "oom", None, "nonfinite_loss", None,
+                                                              "nonfinite_grad"]
+    for warning in ("(step 1) skipped: oom", "(step 3) skipped: nonfinite_loss",
+                    "optimizer step after step 5 skipped: non-finite gradient"):
+        assert double.stdout.count(warning) == 1, explain(double)
+    assert double.stdout.count("STAGE 1/1: Training ABC Adapter") == 1
     for got, expected in zip(read_history(tmp_path / "two"), read_history(tmp_path / "one")):
         assert got["eval_loss"] == pytest.approx(expected["eval_loss"], abs=1e-5)
         assert got["metrics"]["t2m_mrr"] == pytest.approx(expected["metrics"]["t2m_mrr"], abs=1e-9)
 
 
 def test_sigterm_to_torchrun_gives_one_emergency_checkpoint_and_every_process_exits(tmp_path_factory, tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from trainer_fixtures import ROOT, log_dir, reference_run, trainer_args, trainer_env
-    from clamp3_lora import checkpoint
-
     workspace, _ = reference_run(tmp_path_factory)
     output = tmp_path / "output"
-    args = trainer_args(workspace, output, batch_size=2, epochs=50, dist_timeout_s=60)
-    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 "train_clamp3_lora.py", *map(str, args)], cwd=ROOT, env=trainer_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    launcher = start_torchrun(trainer_args(workspace, output, batch_size=2, epochs=50, dist_timeout_s=60))
     steps = log_dir(output) / "ABC_steps.jsonl"
     deadline = time.time() + 120
     try:
@@ -191,11 +174,10 @@ def test_sigterm_to_torchrun_gives_one_emergency_checkpoint_and_every_process_ex
         launcher.send_signal(signal.SIGTERM)
         stdout, stderr = launcher.communicate(timeout=60)  # every process gone within the bound
     finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
+        survivors = session_survivors(launcher)
+        stop_session(launcher)
     assert stdout.count("emergency checkpoint (SIGTERM) saved") == 1, stdout + stderr
     assert "torchrun --nproc_per_node=2 train_clamp3_lora.py" in stdout and "--resume auto" in stdout
     state = checkpoint.load(log_dir(output) / "ABC_emergency_checkpoint.pth", stage="ABC")
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and all(state["rng"])
-    survivors = subprocess.run(["pgrep", "-s", str(launcher.pid)], capture_output=True, text=True)
-    assert survivors.stdout.strip() == ""
+    assert survivors == []

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +118,39 @@ def start_trainer(args, env=None):
     """Start `python train_clamp3_lora.py ARGS` without waiting (for signals sent from outside)."""
     return subprocess.Popen([sys.executable, "train_clamp3_lora.py", *map(str, args)], cwd=ROOT,
                             env=trainer_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def torchrun_command(args, nproc=2):
+    """`torchrun --standalone --nproc_per_node=NPROC train_clamp3_lora.py ARGS` (gloo on the CPU)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "train_clamp3_lora.py", *map(str, args)]
+
+
+def run_torchrun(args, nproc=2, env=None, timeout=180):
+    """Run the trainer under torchrun with `nproc` processes; CompletedProcess with text output.
+    subprocess.TimeoutExpired (the launcher killed) when it is not done within `timeout` seconds."""
+    return subprocess.run(torchrun_command(args, nproc), cwd=ROOT, env=trainer_env(env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def start_torchrun(args, nproc=2, env=None):
+    """Start the trainer under torchrun without waiting, in a session of its own (so that every
+    process it starts can be found, and killed by stop_session, afterwards)."""
+    return subprocess.Popen(torchrun_command(args, nproc), cwd=ROOT, env=trainer_env(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def session_survivors(process):
+    """Ids of the processes still alive in the session `process` started (start_torchrun)."""
+    found = subprocess.run(["pgrep", "-s", str(process.pid)], capture_output=True, text=True)
+    return found.stdout.split()
+
+
+def stop_session(process):
+    """SIGKILL every process of the session `process` started, if any is left (test clean-up)."""
+    if session_survivors(process):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def log_dir(output):
