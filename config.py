@@ -76,6 +76,10 @@ class TrainConfig:
     """Probability of removing instrument names from a training piece."""
     num_workers: int = 4
     """DataLoader worker processes."""
+    patch_cache_mb: int = 256
+    """Memory (MiB) each data process may keep for the patches of pieces it has read (and the MTF
+    text of MIDI files), so a long piece is not read and cut into patches again for every sample;
+    0 turns the cache off. Samples are the same either way."""
     bad_record_limit: float = 0.05
     """Abort when more than this share of a data file's records is bad."""
 

@@ -49,9 +49,10 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import Sampler  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from clamp3_lora.data import Collator, MusicTextDataset, make_loader, scan_data_file  # noqa: E402
+from clamp3_lora.data import Collator, MusicTextDataset, add_packing, make_loader, scan_data_file  # noqa: E402
 from clamp3_lora.model import Clamp3, _skip_weight_init, clip_loss, load_model, masked_mean  # noqa: E402
 from clamp3_lora.step import autocast, forward_loss, to_device  # noqa: E402
+from clamp3_lora.train import clip_and_read  # noqa: E402
 
 GIB = 1024 ** 3
 
@@ -177,9 +178,11 @@ def set_eager_attention(model):
 
 
 def real_step(model, device, precision="bf16", max_grad_norm=1.0):
-    """The trainer's step: to_device, autocast + forward_loss, loss.item(), (scaled) backward, clip,
-    AdamW step, zero_grad (clamp3_lora/train.py's loop without its bookkeeping; symbolic encoder in
-    training mode, text encoder in eval mode, as the trainer sets them)."""
+    """The trainer's step: to_device, autocast + forward_loss, (scaled) backward, clip, AdamW step,
+    zero_grad (clamp3_lora/train.py's loop without its bookkeeping; symbolic encoder in training
+    mode, text encoder in eval mode, as the trainer sets them). As the trainer does for a one-batch
+    step without a GradScaler, loss and gradient norm are read together after the backward pass
+    (train.clip_and_read: one host sync per step); with fp16 the GradScaler path reads them apart."""
     params = model.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
@@ -190,11 +193,15 @@ def real_step(model, device, precision="bf16", max_grad_norm=1.0):
         batch = to_device(cpu_batch, device)
         with autocast(device, precision):
             loss, _, _ = forward_loss(model, batch)
-        value = loss.item()
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        if math.isfinite(float(norm)):
+        if scaler.is_enabled():
+            value = loss.item()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+        else:
+            loss.backward()
+            value, norm = clip_and_read(loss, params, max_grad_norm)
+        if math.isfinite(value) and math.isfinite(norm):
             scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -276,7 +283,7 @@ def full_batches(size, length, text_tokens, device, count=3, seed=0, vocab=30000
                  "text_mask": torch.ones(size, text_tokens, dtype=torch.long),
                  "index": torch.arange(size)}
         batch["text_ids"][:, 0], batch["text_ids"][:, -1] = 0, 2
-        out.append(pinned(batch, device))
+        out.append(pinned(add_packing(batch), device))
     return out
 
 
@@ -545,16 +552,22 @@ def data_pipeline(tokenizer, spec, device, folder):
     for label, path in sets.items():
         records = scan_data_file(path, workers=min(16, os.cpu_count() or 1)).records
         dataset = MusicTextDataset(records, tokenizer, train=True)
-        start = time.perf_counter()
-        lengths = [len(dataset[(i % len(records), i)]["patches"]) for i in range(spec["item_samples"])]
-        per_item = (time.perf_counter() - start) / spec["item_samples"]
-        rows.append({"data": label, "workers": "item", "samples_per_s": 1 / per_item, "ms_per_sample": per_item * 1000,
-                     "mean_patches": statistics.mean(lengths), "records": len(records)})
-        log(f"  {label:10s} one sample in-process: {per_item * 1000:8.2f} ms (mean {statistics.mean(lengths):.0f} "
-            f"patches) -> at most {len(spec['workers']) and max(spec['workers'])} workers x {1 / per_item:.0f}/s")
+        for cache in ("item", "item_cached"):  # first pass: nothing cached; second: same keys, cached
+            start = time.perf_counter()
+            lengths = [len(dataset[(i % len(records), i)]["patches"]) for i in range(spec["item_samples"])]
+            per_item = (time.perf_counter() - start) / spec["item_samples"]
+            rows.append({"data": label, "workers": cache, "samples_per_s": 1 / per_item,
+                         "ms_per_sample": per_item * 1000, "mean_patches": statistics.mean(lengths),
+                         "records": len(records)})
+            log(f"  {label:10s} one sample in-process ({cache}): {per_item * 1000:8.2f} ms "
+                f"(mean {statistics.mean(lengths):.0f} patches)")
         if label in ("long_midi", "demo_mtf"):
             continue  # long_midi: seconds per batch per worker; demo_mtf: between demo_abc and long_mtf
-        for workers in spec["workers"]:
+        settings = [(w, True) for w in spec["workers"]]
+        if label == "long_mtf":
+            settings.append((max(spec["workers"]), False))  # cache off: every sample read and cut again
+        for workers, cached in settings:
+            dataset = MusicTextDataset(records, tokenizer, train=True, cache_mb=256 if cached else 0)
             loader = make_loader(dataset, RandomKeys(len(records), 10 ** 6, seed=workers), 32,
                                  num_workers=workers, pin_memory=device.type == "cuda")
             batches = iter(loader)
@@ -567,9 +580,9 @@ def data_pipeline(tokenizer, spec, device, folder):
                 batches._shutdown_workers()  # persistent workers would otherwise linger and load the CPU
             del batches, loader
             gc.collect()
-            rows.append({"data": label, "workers": workers, "samples_per_s": rate,
+            rows.append({"data": label, "workers": workers, "samples_per_s": rate, "cache": cached,
                          "mean_patches": statistics.mean(lengths), "records": len(records)})
-            log(f"  {label:10s} workers {workers:2d}: {rate:9.1f} samples/s")
+            log(f"  {label:10s} workers {workers:2d}{'' if cached else ' (cache off)'}: {rate:9.1f} samples/s")
     return rows
 
 
@@ -765,7 +778,8 @@ def summary(results, rows, demo_rows, data_rows, lever_rows, spec):
     if data_rows:
         log("-- data pipeline (samples/s)")
         for r in data_rows:
-            log(f"{r['data']:12s} workers {str(r['workers']):>4s}: {r['samples_per_s']:9.1f}")
+            log(f"{r['data']:12s} workers {str(r['workers']):>11s}{'' if r.get('cache', True) else ' (cache off)'}: "
+                f"{r['samples_per_s']:9.1f}")
     targets = {}
     best = {r["batch"]: r for r in rows if r["variant"] == "fast"}
     if naive and spec["naive_batch"] in best:
@@ -781,7 +795,8 @@ def summary(results, rows, demo_rows, data_rows, lever_rows, spec):
                                  for size in demo_fast if size in best}
     if data_rows:
         for label, regime in (("demo_abc", demo_fast), ("long_mtf", best), ("demo_mtf", best)):
-            rates = [r["samples_per_s"] for r in data_rows if r["data"] == label and r["workers"] != "item"]
+            rates = [r["samples_per_s"] for r in data_rows if r["data"] == label and isinstance(r["workers"], int)
+                     and r.get("cache", True)]
             if rates and regime:
                 train = max(r["samples_per_s"] for r in regime.values())
                 targets[f"data_{label}_over_training"] = max(rates) / train

@@ -21,17 +21,20 @@ import json
 import operator
 import os
 import random
+from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from .errors import DataError, MusicFormatError
-from .mtf import read_music
-from .patches import BOS_ID, EOS_ID, patchify, remove_instrument_info
+from .fast import packing
+from .mtf import MIDI_SUFFIXES, read_music
+from .patches import BOS_ID, EOS_ID, patch_array, patchify, remove_instrument_info, window
 
 REASONS = ("invalid_json", "not_object", "no_music_path", "no_text", "missing_file",
            "unreadable_file", "empty_file", "no_patches")
@@ -48,6 +51,9 @@ POOL_MIN_FILES = 256
 
 SHOWN_BAD_RECORDS = 5
 """How many `file:line: reason` lines a DataError or a summary shows."""
+
+PATCH_CACHE_MB = 256
+"""Default memory bound of a dataset's patch cache, per process (each DataLoader worker has its own)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,10 +437,17 @@ class MusicTextDataset(Dataset):
 
     Item: {"patches": LongTensor[L, 64], "text_ids": LongTensor[T], "index": int}. A music file that
     went bad after the scan raises MusicFormatError naming `data_file:line` and the music file.
+
+    Cache: each process (each DataLoader worker) keeps the full patch sequence of the pieces it
+    read, per file and instrument-removal variant, and the MTF text of MIDI files, in a PatchCache
+    of at most `cache_mb` MiB (0: none); a sample's window is cut from the cached sequence with the
+    same draws, so samples are the same with or without it. Entries are keyed by the file's
+    modification time and size, so a file that changes is read again.
     """
 
     def __init__(self, records, tokenizer, train, max_patches=512, max_text_tokens=128,
-                 instrument_removal_prob=0.9):
+                 instrument_removal_prob=0.9, cache_mb=PATCH_CACHE_MB):
+        self.cache = PatchCache(int(cache_mb * 2 ** 20))
         self.records = list(records)
         self.tokenizer = tokenizer
         self.train = bool(train)
@@ -457,21 +470,50 @@ class MusicTextDataset(Dataset):
         record = self.records[index]
         if not self.train:
             path = record.paths[0]
-            music = self._read(record, path)
-            patches = self._patchify(record, path, music, "head", None)
+            patches = self._window(record, path, False, "head", None)
             text_ids = encode_text(self.tokenizer, evaluation_text(record, self.sep), self.max_text_tokens)
         else:
             rng = random.Random(seed)
             path = rng.choice(record.paths)
             text = training_text(record, self.sep, rng)
             text_ids = encode_text(self.tokenizer, text, self.max_text_tokens, rng)
-            music = self._read(record, path)
-            if rng.random() < self.instrument_removal_prob:
-                music = remove_instrument_info(music)
-            patches = self._patchify(record, path, music, "random", rng)
-        return {"patches": torch.tensor(patches, dtype=torch.long),
+            removed = rng.random() < self.instrument_removal_prob
+            patches = self._window(record, path, removed, "random", rng)
+        return {"patches": torch.from_numpy(patches.astype(np.int64)),
                 "text_ids": torch.tensor(text_ids, dtype=torch.long),
                 "index": index}
+
+    def _window(self, record, path, removed, truncate, rng):
+        """The sample's patches (a numpy array [L, 64]): the window `truncate` keeps of the piece's
+        full patch sequence (instrument names removed when `removed`), from the cache if there."""
+        stamp = file_stamp(path)
+        key = (path, removed, stamp)
+        rows = self.cache.get(key) if stamp is not None else None
+        if rows is None:
+            music = self._music(record, path, stamp)
+            if removed:
+                music = remove_instrument_info(music)
+            rows = self._patch_array(record, path, music)
+            if stamp is not None:
+                self.cache.put(key, rows, rows.nbytes)
+        start, stop = window(len(rows), truncate, self.max_patches, rng)
+        patches = rows[start:stop]
+        # Only BOS/EOS patches: text that patch_array accepts but that holds no music (line breaks).
+        if np.isin(patches[:, 1], (BOS_ID, EOS_ID)).all():
+            raise MusicFormatError(f"{record.where}: music file {path} gives no patches any more "
+                                   f"(it passed the data scan, so it changed since): only special patches")
+        return patches
+
+    def _music(self, record, path, stamp):
+        """The file's music text; a MIDI file's MTF is kept in the cache (conversion is slow)."""
+        midi = stamp is not None and os.path.splitext(path)[1].lower() in MIDI_SUFFIXES
+        key = (path, "mtf", stamp)
+        music = self.cache.get(key) if midi else None
+        if music is None:
+            music = self._read(record, path)
+            if midi:
+                self.cache.put(key, music, len(music))
+        return music
 
     def _parse_key(self, key):
         """(index, seed) from a key; a plain int is accepted in evaluation only."""
@@ -497,20 +539,48 @@ class MusicTextDataset(Dataset):
                                    f"(it passed the data scan, so it changed since)")
         return music
 
-    def _patchify(self, record, path, music, truncate, rng):
-        problem = None
+    @staticmethod
+    def _patch_array(record, path, music):
         try:
-            patches = patchify(music, truncate=truncate, rng=rng, max_patches=self.max_patches, source=path)
+            return patch_array(music, source=path)
         except MusicFormatError as error:
-            problem = error
-        else:
-            # Only BOS/EOS patches: text that patchify accepts but that holds no music (line breaks).
-            if all(patch[1] in (BOS_ID, EOS_ID) for patch in patches):
-                problem = "only special patches"
-        if problem is not None:
             raise MusicFormatError(f"{record.where}: music file {path} gives no patches any more "
-                                   f"(it passed the data scan, so it changed since): {problem}")
-        return patches
+                                   f"(it passed the data scan, so it changed since): {error}") from error
+
+
+def file_stamp(path):
+    """(modification time in ns, size) of a file, or None when it cannot be stat'ed."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size
+
+
+class PatchCache:
+    """A least-recently-used cache of values with a bound on their total size in bytes (each value
+    bigger than the bound is not kept). One per process: DataLoader workers each fill their own."""
+
+    def __init__(self, max_bytes):
+        self.max_bytes = max_bytes
+        self.entries = OrderedDict()   # key -> (value, size)
+        self.bytes = 0
+
+    def get(self, key):
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        self.entries.move_to_end(key)
+        return entry[0]
+
+    def put(self, key, value, size):
+        if size > self.max_bytes or key in self.entries:
+            return
+        self.entries[key] = (value, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (_, dropped) = self.entries.popitem(last=False)
+            self.bytes -= dropped
 
 
 # --------------------------------------------------------------------------------------------
@@ -521,17 +591,28 @@ def collate(items, pad_id):
     """Pad samples to the batch's longest piece and longest text.
 
     Returns {"patches" [B, Lmax, 64] long (pad patches all 0), "patch_mask" [B, Lmax] long,
-    "text_ids" [B, Tmax] long (padded with pad_id), "text_mask" [B, Tmax] long, "index" [B] long}.
+    "text_ids" [B, Tmax] long (padded with pad_id), "text_mask" [B, Tmax] long, "index" [B] long}
+    plus the packing of each mask (fast.packing, computed here on the CPU so that the fast path
+    needs no host sync on the GPU): "patch_index" [P] long, "patch_cu" [B + 1] int32, "text_index"
+    [T] long, "text_cu" [B + 1] int32.
     """
     patches = pad_sequence([item["patches"] for item in items], batch_first=True, padding_value=0)
     text_ids = pad_sequence([item["text_ids"] for item in items], batch_first=True, padding_value=pad_id)
     patch_lengths = torch.tensor([len(item["patches"]) for item in items])
     text_lengths = torch.tensor([len(item["text_ids"]) for item in items])
-    return {"patches": patches,
-            "patch_mask": _length_mask(patch_lengths, patches.shape[1]),
-            "text_ids": text_ids,
-            "text_mask": _length_mask(text_lengths, text_ids.shape[1]),
-            "index": torch.tensor([item["index"] for item in items], dtype=torch.long)}
+    batch = {"patches": patches,
+             "patch_mask": _length_mask(patch_lengths, patches.shape[1]),
+             "text_ids": text_ids,
+             "text_mask": _length_mask(text_lengths, text_ids.shape[1]),
+             "index": torch.tensor([item["index"] for item in items], dtype=torch.long)}
+    return add_packing(batch)
+
+
+def add_packing(batch):
+    """The batch with the packing of its masks added (see collate); returns the same dict."""
+    batch["patch_index"], batch["patch_cu"] = packing(batch["patch_mask"])
+    batch["text_index"], batch["text_cu"] = packing(batch["text_mask"])
+    return batch
 
 
 def _length_mask(lengths, width):

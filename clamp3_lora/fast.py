@@ -65,6 +65,16 @@ class FastPaths:
 # Packed tokens
 
 
+def packing(mask):
+    """(index, cu) of the real tokens of a [B, L] mask (nonzero = real token): index [T] int64, the
+    flat positions row * L + column in row-major order; cu [B + 1] int32, the cumulative token
+    counts. On a CPU mask this needs no device sync; Tokens.of takes the result as `packed`."""
+    real = mask != 0
+    index = real.reshape(-1).nonzero().squeeze(1)
+    cu = F.pad(real.sum(1).cumsum(0), (1, 0)).to(torch.int32)
+    return index, cu
+
+
 @dataclass
 class Tokens:
     """The real tokens of a padded batch: where they are and how they split into samples."""
@@ -75,12 +85,15 @@ class Tokens:
     width: int               # padded row width L (an upper bound of every sample's length)
 
     @classmethod
-    def of(cls, mask):
-        """Tokens of a [B, L] mask (nonzero = real token). One host sync (the token count)."""
+    def of(cls, mask, packed=None):
+        """Tokens of a [B, L] mask (nonzero = real token).
+
+        `packed` is (index, cu) of the same mask as `packing` computes it, already on the mask's
+        device (the collate function computes it on the CPU, in the DataLoader workers); without it
+        they are computed here, which costs a host sync on CUDA (the token count).
+        """
         batch, width = mask.shape
-        real = mask != 0
-        index = real.reshape(-1).nonzero().squeeze(1)
-        cu = F.pad(real.sum(1).cumsum(0), (1, 0)).to(torch.int32)
+        index, cu = packing(mask) if packed is None else packed
         return cls(index=index, column=index % width, cu=cu, batch=batch, width=width)
 
     def pad(self, x):
@@ -377,12 +390,13 @@ def _embeddings(bert, x, positions, options, cd):
                   options.residual_dtype(cd))
 
 
-def music_hidden(encoder, patches, patch_mask, options):
-    """Last hidden state [B, L, hidden] (fp32, zeros at padding) of a SymbolicEncoder, packed."""
+def music_hidden(encoder, patches, patch_mask, options, packed=None):
+    """Last hidden state [B, L, hidden] (fp32, zeros at padding) of a SymbolicEncoder, packed
+    (`packed`: the mask's (index, cu) from `packing`, on the device; None computes them)."""
     bert = encoder.bert
     device_type = patches.device.type
     cd = compute_dtype(device_type, bert.encoder.layer[0].intermediate.dense.weight)
-    tokens = Tokens.of(patch_mask)
+    tokens = Tokens.of(patch_mask, packed)
     flat = patches.reshape(-1, patches.shape[-1]).index_select(0, tokens.index)
     with torch.autocast(device_type, enabled=False):
         x = encoder.embed_patches(flat.unsqueeze(0)).squeeze(0)
@@ -391,11 +405,12 @@ def music_hidden(encoder, patches, patch_mask, options):
         return tokens.pad(h.float())
 
 
-def text_hidden(text_model, input_ids, attention_mask, options):
-    """Last hidden state [B, T, hidden] (fp32, zeros at padding) of an XLMRobertaModel, packed."""
+def text_hidden(text_model, input_ids, attention_mask, options, packed=None):
+    """Last hidden state [B, T, hidden] (fp32, zeros at padding) of an XLMRobertaModel, packed
+    (`packed` as in music_hidden)."""
     device_type = input_ids.device.type
     cd = compute_dtype(device_type, text_model.encoder.layer[0].intermediate.dense.weight)
-    tokens = Tokens.of(attention_mask)
+    tokens = Tokens.of(attention_mask, packed)
     pad_id = text_model.embeddings.padding_idx
     not_pad = input_ids.ne(pad_id).int()
     positions = (torch.cumsum(not_pad, dim=1).type_as(not_pad) * not_pad).long() + pad_id
@@ -419,7 +434,7 @@ def store_frozen_weights(model, dtype):
     return converted
 
 
-__all__ = ["FastPaths", "Tokens", "attend", "padded_attention", "varlen_available", "layer_forward",
+__all__ = ["FastPaths", "Tokens", "packing", "attend", "padded_attention", "varlen_available", "layer_forward",
            "COMPILE_MODES",
            "attention_inputs", "attention_output_and_ffn", "embeddings_out", "check_encoder",
            "compute_dtype", "encode", "music_hidden", "text_hidden", "store_frozen_weights",

@@ -260,32 +260,35 @@ class Clamp3(nn.Module):
 
     # --- features ---------------------------------------------------------------------------
 
-    def text_features(self, input_ids, attention_mask):
+    def text_features(self, input_ids, attention_mask, packed=None):
         """Global text features [B, projection]: XLM-R last hidden state, masked mean, text_proj.
 
         Runs without autograd when the text side is frozen (the usual case in LoRA training).
+        `packed`: (index, cu) of attention_mask from fast.packing, on the device (the collated
+        batch's text_index/text_cu), so the fast path needs no host sync; ignored by the plain path.
         """
         frozen = not any(p.requires_grad for p in self.text_model.parameters()) and not any(
             p.requires_grad for p in self.text_proj.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             if self.fast is not None:
-                hidden = text_hidden(self.text_model, input_ids, attention_mask, self.fast)
+                hidden = text_hidden(self.text_model, input_ids, attention_mask, self.fast, packed)
             else:
                 hidden = self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             return _apply_linear(self.text_proj, masked_mean(hidden, attention_mask))
 
-    def music_features(self, patches, patch_mask):
-        """Global music features [B, projection] from patches [B, L, 64] and patch_mask [B, L]."""
+    def music_features(self, patches, patch_mask, packed=None):
+        """Global music features [B, projection] from patches [B, L, 64] and patch_mask [B, L]
+        (`packed`: as in text_features, of patch_mask)."""
         if self.fast is not None:
-            hidden = music_hidden(self.symbolic_model, patches, patch_mask, self.fast)
+            hidden = music_hidden(self.symbolic_model, patches, patch_mask, self.fast, packed)
         else:
             hidden = self.symbolic_model(patches, patch_mask)
         return _apply_linear(self.symbolic_proj, masked_mean(hidden, patch_mask))
 
-    def forward(self, patches, patch_mask, input_ids=None, attention_mask=None):
+    def forward(self, patches, patch_mask, input_ids=None, attention_mask=None, packed=None, text_packed=None):
         """(music features, text features or None); the entry point for DistributedDataParallel."""
-        music = self.music_features(patches, patch_mask)
-        text = None if input_ids is None else self.text_features(input_ids, attention_mask)
+        music = self.music_features(patches, patch_mask, packed)
+        text = None if input_ids is None else self.text_features(input_ids, attention_mask, text_packed)
         return music, text
 
     # --- fast paths -------------------------------------------------------------------------

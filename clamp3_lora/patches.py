@@ -9,6 +9,7 @@ the official code crashes on is rejected with a MusicFormatError instead.
 import random
 import re
 
+import numpy as np
 from unidecode import unidecode
 
 from .errors import MusicFormatError
@@ -135,6 +136,27 @@ def _segment_to_patch(segment):
     return ids
 
 
+def _patch_rows(segments):
+    """The patches of `segments` as a uint8 array [n, PATCH_SIZE], each row equal to
+    _segment_to_patch(segment), built with numpy (one pass over the characters, no per-character
+    Python work). Segments are ASCII after _normalise; other text goes row by row."""
+    count = len(segments)
+    cut = [segment[:PATCH_SIZE - 1] for segment in segments]
+    joined = "".join(cut)
+    if not joined.isascii():
+        return np.array([_segment_to_patch(segment) for segment in segments], dtype=np.int64).reshape(-1, PATCH_SIZE)
+    rows = np.zeros((count, PATCH_SIZE), dtype=np.uint8)
+    rows[:, 0] = BOS_ID
+    lengths = np.fromiter(map(len, cut), dtype=np.int64, count=count)
+    chars = np.frombuffer(joined.encode("ascii"), dtype=np.uint8)
+    row_of_char = np.repeat(np.arange(count), lengths)
+    starts = np.cumsum(lengths) - lengths
+    rows[row_of_char, np.arange(len(chars)) - starts[row_of_char] + 1] = chars
+    short = np.flatnonzero(lengths < PATCH_SIZE - 1)
+    rows[short, lengths[short] + 1] = EOS_ID
+    return rows
+
+
 def _bos_patch():
     """The special patch that starts a piece: PATCH_SIZE x BOS_ID."""
     return [BOS_ID] * PATCH_SIZE
@@ -185,6 +207,26 @@ def patchify(text, add_special_patches=True, truncate="head", rng=None, max_patc
         raise ValueError(f"truncate must be one of {_TRUNCATE_MODES}, got {truncate!r}")
     if max_patches < 1:
         raise ValueError(f"max_patches must be at least 1, got {max_patches}")
+    rows = patch_array(text, add_special_patches, source)
+    start, stop = window(len(rows), truncate, max_patches, rng)
+    return rows[start:stop].tolist()
+
+
+def window(count, truncate, max_patches, rng=None):
+    """(start, stop) of the patches patchify keeps of a sequence of `count` patches: all of them
+    when they fit or truncate is None, the head for "head", a random window for "random" (drawn
+    with `rng`, a fresh unseeded random.Random when None; nothing is drawn when they fit)."""
+    if truncate is None or count <= max_patches:
+        return 0, count
+    if truncate == "head":
+        return 0, max_patches
+    start = _window_start(count, max_patches, rng if rng is not None else random.Random())
+    return start, start + max_patches
+
+
+def patch_array(text, add_special_patches=True, source=None):
+    """Every patch of ABC or MTF text (patchify with truncate=None) as an integer numpy array
+    [n, PATCH_SIZE] (uint8: the ids are 0..127). Same checks and errors as patchify."""
     _check_text(text, source)
     normalised = _normalise(text)
     lines = _split_lines(normalised)
@@ -202,15 +244,11 @@ def patchify(text, add_special_patches=True, truncate="head", rng=None, max_patc
             f"{_where(source)}no music found: the text gives no patches (whitespace only, or no "
             "header line and no bar line)"
         )
-    patches = [_segment_to_patch(segment) for segment in segments]
+    rows = _patch_rows(segments)
     if add_special_patches:
-        patches = [_bos_patch()] + patches + [_eos_patch()]
-    if truncate is None or len(patches) <= max_patches:
-        return patches
-    if truncate == "head":
-        return patches[:max_patches]
-    start = _window_start(len(patches), max_patches, rng if rng is not None else random.Random())
-    return patches[start:start + max_patches]
+        special = np.array([_bos_patch(), _eos_patch()], dtype=rows.dtype)
+        rows = np.concatenate([special[:1], rows, special[1:]])
+    return rows
 
 
 def _drop_instrument_names(line):

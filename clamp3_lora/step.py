@@ -54,9 +54,22 @@ def local_features(model, batch):
     under torch.no_grad().
     """
     with torch.no_grad():
-        text = unwrap(model).text_features(batch["text_ids"], batch["text_mask"])
-    music, _ = model(batch["patches"], batch["patch_mask"])
+        text = unwrap(model).text_features(batch["text_ids"], batch["text_mask"], packed_of(batch, "text"))
+    music, _ = model(batch["patches"], batch["patch_mask"], packed=packed_of(batch, "patch"))
     return music, text
+
+
+def packed_of(batch, prefix):
+    """(index, cu) of the batch's `prefix` mask ("patch" or "text") when the collate function
+    added them (data.add_packing), else None (the fast path then computes them, with a host sync)."""
+    index, cu = batch.get(f"{prefix}_index"), batch.get(f"{prefix}_cu")
+    return None if index is None or cu is None else (index, cu)
+
+
+def read_scalars(*values):
+    """Python floats of 0-dim tensors, read with ONE device-to-host copy (one sync per call,
+    instead of one per .item()). Values keep their float32 value exactly."""
+    return torch.stack([v.detach().float().reshape(()) for v in values]).tolist()
 
 
 def contrastive_loss(music, text, gather=None):

@@ -14,6 +14,10 @@ Robustness, in the loop itself:
   dropout masks and updates the uninterrupted run would have had.
 - Guards: an OOM or a non-finite loss skips that batch, a non-finite gradient skips that optimizer
   step; with several processes all ranks agree first (a flag all-reduced), so none is left waiting.
+  An OOM in the backward pass is skipped by one process only: with several, the ranks are then
+  half-way through the gradient all-reduce, so that rank stops the job with a clear error instead.
+- Several processes (torchrun): every collective has a timeout (--dist-timeout-s); a lost or stuck
+  rank makes the others fail with a DistributedError that says so (emergency checkpoint on rank 0).
 - Signals are only noted by the handler; the loop acts on them at the next optimizer-step boundary
   (all ranks at the same step), saves the emergency checkpoint and exits 130 (SIGINT) or 143 (SIGTERM).
 
@@ -21,10 +25,13 @@ Fault injection, for tests: `--fault-inject` or the environment variable CLAMP3_
 comma-separated faults KIND@STEP or KIND@STEP:RANK, where STEP is the stage's global micro-step
 (batch) index counted from 0 across epochs, and RANK limits the fault to one process:
     oom@S       raise a CUDA out-of-memory error in the forward pass of batch S
+    oomback@S   raise a CUDA out-of-memory error in place of the backward pass of batch S
     nan@S       make the loss of batch S NaN
     nangrad@S   make a LoRA gradient of batch S NaN after its backward pass
     sigint@S, sigterm@S, sigkill@S   send this signal to the process itself before batch S
     error@S     raise an unexpected RuntimeError before batch S (emergency checkpoint, then traceback)
+    hang@S      stop answering before batch S, as a stuck process does, until a stop signal arrives
+                (the other processes' collectives then time out after --dist-timeout-s)
 Test-only switch CLAMP3_LORA_TEST_NO_RNG_RESTORE=1: resume WITHOUT restoring the RNG states and the
 position in the data order (restart the epoch's order, re-seed); the tests use it as a negative
 control that proves the exact-resume test can fail.
@@ -57,12 +64,12 @@ from .fast import settings_from_config
 from .logs import StageLogger, gpu_memory
 from .metrics import METRIC_NAMES, better, retrieval_metrics
 from .model import base_checkpoint_identity, clip_loss, load_model
-from .step import autocast, contrastive_loss, local_features, to_device
+from .step import autocast, contrastive_loss, local_features, read_scalars, to_device
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_STEPS = 0, 1, 3
 FAULTS_ENV = "CLAMP3_LORA_FAULTS"
 NO_RNG_RESTORE_ENV = "CLAMP3_LORA_TEST_NO_RNG_RESTORE"
-FAULT_KINDS = ("oom", "nan", "nangrad", "sigint", "sigterm", "sigkill", "error")
+FAULT_KINDS = ("oom", "oomback", "nan", "nangrad", "sigint", "sigterm", "sigkill", "error", "hang")
 SKIP_REASONS = ("oom", "nonfinite_loss", "nonfinite_grad")
 WIDTH = 78
 
@@ -150,7 +157,8 @@ def check_config(cfg):
         problems.append(f"--precision {cfg.precision!r}: use bf16, fp16 or fp32")
     if cfg.best_metric != "eval_loss" and cfg.best_metric not in METRIC_NAMES:
         problems.append(f"--best-metric {cfg.best_metric!r}: use eval_loss or one of {', '.join(METRIC_NAMES)}")
-    for name in ("epochs", "batch_size", "grad_accum", "keep_epoch_checkpoints", "max_bad_steps_in_row"):
+    for name in ("epochs", "batch_size", "grad_accum", "keep_epoch_checkpoints", "max_bad_steps_in_row",
+                 "dist_timeout_s"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
     for name in ("checkpoints_per_epoch", "warmup_steps", "num_workers"):
@@ -268,9 +276,9 @@ def run_stage(cfg, stage, number, total, plan, dist, signals, faults, console, a
 
     train_set = MusicTextDataset(train_scan.records, model.tokenizer, train=True, max_patches=cfg.max_patches,
                                  max_text_tokens=cfg.max_text_tokens,
-                                 instrument_removal_prob=cfg.instrument_removal_prob)
+                                 instrument_removal_prob=cfg.instrument_removal_prob, cache_mb=cfg.patch_cache_mb)
     eval_set = MusicTextDataset(eval_scan.records, model.tokenizer, train=False, max_patches=cfg.max_patches,
-                                max_text_tokens=cfg.max_text_tokens)
+                                max_text_tokens=cfg.max_text_tokens, cache_mb=cfg.patch_cache_mb)
     train_sampler = make_sampler(train_set, cfg, dist, shuffle=True, what=getattr(cfg, stage.train_field))
     eval_sampler = make_sampler(eval_set, cfg, dist, shuffle=False, what=getattr(cfg, stage.eval_field))
     train_loader = make_loader(train_set, train_sampler, cfg, device)
@@ -351,13 +359,16 @@ def run_stage(cfg, stage, number, total, plan, dist, signals, faults, console, a
                        disable=not dist.is_main, dynamic_ncols=True, leave=True)
             for index, batch in zip(range(first, batches), train_loader):
                 step = progress.micro_step
-                faults.before_batch(step, dist.rank)
+                faults.before_batch(step, dist.rank, signals)
                 window_start = index - index % cfg.grad_accum
                 window = min(cfg.grad_accum, batches - window_start)
                 size = train_sampler.global_batch_size(index)
                 batch = to_device(batch, device)
+                # A one-batch step without a GradScaler reads loss and gradient norm in ONE host sync
+                # after the backward pass (clip_and_read); the guards decide exactly as before.
+                fused = window == 1 and not scaler.is_enabled()
 
-                skip, loss_value = None, None
+                skip, loss_value, norm_value = None, None, None
                 try:                                        # forward on this rank's samples
                     with autocast(device, cfg.precision):
                         music, text = local_features(train_model, batch)
@@ -373,19 +384,31 @@ def run_stage(cfg, stage, number, total, plan, dist, signals, faults, console, a
                         loss = contrastive_loss(music, text, gather)
                     if faults.due("nan", step, dist.rank):
                         loss = loss * float("nan")
-                    loss_value = loss.item()
-                    if distributed.all_reduce_flag(not math.isfinite(loss_value)):
-                        skip, loss_value = "nonfinite_loss", None
+                    if not fused:
+                        loss_value = loss.item()
+                        if distributed.all_reduce_flag(not math.isfinite(loss_value)):
+                            skip, loss_value = "nonfinite_loss", None
                 if skip is None:
                     try:
+                        faults.raise_oom(step, dist.rank, kind="oomback")
                         scaler.scale(loss / window).backward()
                         window_grads += 1
                         window_losses.append(loss_value)
                     except RuntimeError as error:
                         if not is_oom(error):
                             raise
+                        if dist.distributed:
+                            raise backward_oom_error(error, stage, index, epoch, step, dist) from error
                         skip = "oom"                         # a half-done backward: drop the window
                     faults.poison_gradient(step, dist.rank, params)
+                    if fused and skip is None:               # the loss guard, after the backward pass
+                        loss_value, norm_value = clip_and_read(loss, params, cfg.max_grad_norm)
+                        if distributed.all_reduce_flag(not math.isfinite(loss_value)):
+                            skip, loss_value, norm_value = "nonfinite_loss", None, None
+                            optimizer.zero_grad(set_to_none=True)
+                            window_grads, window_losses = 0, []
+                        else:
+                            window_losses = [loss_value]
                 music = text = loss = None
                 if skip == "oom":
                     optimizer.zero_grad(set_to_none=True)
@@ -395,7 +418,7 @@ def run_stage(cfg, stage, number, total, plan, dist, signals, faults, console, a
                     progress.bad_in_row += 1
                     progress.epoch_skipped[skip] += 1
                     progress.skipped[skip] += 1
-                    bar.write(f"⚠ [{stage.name}] batch {index} of epoch {epoch + 1} (step {step}) skipped: {skip}")
+                    console.say(f"⚠ [{stage.name}] batch {index} of epoch {epoch + 1} (step {step}) skipped: {skip}")
                 else:
                     progress.bad_in_row = 0
                 progress.micro_step += 1
@@ -413,14 +436,15 @@ def run_stage(cfg, stage, number, total, plan, dist, signals, faults, console, a
 
                 # --- optimizer-step boundary: step (or skip), log, then stop/checkpoint decisions -
                 if window_grads:
-                    scaler.unscale_(optimizer)
-                    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
-                    if distributed.all_reduce_flag(not math.isfinite(float(norm))):
+                    if norm_value is None:
+                        scaler.unscale_(optimizer)
+                        norm_value = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
+                    if distributed.all_reduce_flag(not math.isfinite(norm_value)):
                         reason = "nonfinite_grad"
                         progress.bad_in_row += 1
                         progress.epoch_skipped[reason] += window_grads
                         progress.skipped[reason] += window_grads
-                        bar.write(f"⚠ [{stage.name}] optimizer step after step {step} skipped: non-finite gradient")
+                        console.say(f"⚠ [{stage.name}] optimizer step after step {step} skipped: non-finite gradient")
                         for record in window_records:
                             if record["skipped"] is None:
                                 record["skipped"] = reason
@@ -511,7 +535,8 @@ def run_stage(cfg, stage, number, total, plan, dist, signals, faults, console, a
     except StopTraining:
         raise
     except Exception as error:
-        console.error(f"✗ [{stage.name}] training failed: {type(error).__name__}: {error}")
+        if not isinstance(error, Clamp3LoraError):  # those are printed once, by main
+            console.error(f"✗ [{stage.name}] training failed: {type(error).__name__}: {error}")
         try:
             save_emergency(f"{type(error).__name__}", collective=False)
         except Exception as save_error:  # report it, then let the original error through
@@ -535,6 +560,13 @@ def run_stage(cfg, stage, number, total, plan, dist, signals, faults, console, a
                 note("⚠ bad records skipped:\n" + scan.summary(show=20))
     distributed.barrier()
     return StageResult(stage, seconds, cfg.best_metric, progress.best_value, progress.best_epoch, files)
+
+
+def clip_and_read(loss, params, max_grad_norm):
+    """(loss, gradient norm) as floats, with one host sync: the gradients are clipped (to
+    max_grad_norm, none when 0) on the device first. For one-batch steps without a GradScaler."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)
+    return read_scalars(loss, norm)
 
 
 def evaluate(model, loader, sampler, cfg, dist, signals, desc):
@@ -799,6 +831,16 @@ def adapter_record(cfg, stage, progress, metrics, eval_loss, train_scan, eval_sc
     }
 
 
+def backward_oom_error(error, stage, index, epoch, step, dist):
+    """The error that stops a multi-process run after an OOM in the backward pass: the other ranks
+    are inside the gradient all-reduce, so this batch cannot be skipped by all of them together."""
+    return Clamp3LoraError(
+        f"out of memory in the backward pass of batch {index} of epoch {epoch + 1} (step {step}) on rank "
+        f"{dist.rank} of {stage.name}: with several processes a backward pass cannot be skipped (the other "
+        f"ranks are already in the gradient all-reduce), so the job stops. Lower --batch-size or "
+        f"--max-patches, then continue with --resume auto. ({error})")
+
+
 def stop_for_signal(signals, save_emergency, stage, argv, dist):
     """Save the emergency checkpoint and build the StopTraining for the signal that arrived."""
     number = signals.received or signal.SIGTERM
@@ -823,11 +865,16 @@ def resume_command(argv, dist):
         if arg.startswith(("--resume=", "--fault-inject=")):
             continue
         kept.append(arg)
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", 1))
     if dist.world_size > 1:
-        launcher = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', dist.world_size)}"]
+        launcher = ["torchrun"] + ([f"--nnodes={nodes}"] if nodes > 1 else []) + [
+            f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', dist.world_size)}"]
     else:
         launcher = ["python"]
-    return " ".join(shlex.quote(a) for a in launcher + ["train_clamp3_lora.py"] + kept + ["--resume", "auto"])
+    command = " ".join(shlex.quote(a) for a in launcher + ["train_clamp3_lora.py"] + kept + ["--resume", "auto"])
+    if nodes > 1:
+        command += "\n  (on every node, with the job's --node_rank / --rdzv_* flags, as the job was started)"
+    return command
 
 
 def format_value(value):
@@ -864,8 +911,8 @@ class Faults:
     def due(self, kind, step, rank):
         return any(k == kind and s == step and r in (None, rank) for k, s, r in self.faults)
 
-    def raise_oom(self, step, rank):
-        if self.due("oom", step, rank):
+    def raise_oom(self, step, rank, kind="oom"):
+        if self.due(kind, step, rank):
             raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected by the fault hook at step {step})")
 
     def poison_gradient(self, step, rank, params):
@@ -875,13 +922,17 @@ class Faults:
                     param.grad.view(-1)[0] = math.nan
                     return
 
-    def before_batch(self, step, rank):
-        """The faults that strike before a batch: a signal to this process, an unexpected error."""
+    def before_batch(self, step, rank, signals):
+        """The faults that strike before a batch: a signal to this process, an unexpected error, a
+        hang (until `signals` has received a stop signal)."""
         for kind in ("sigint", "sigterm", "sigkill"):
             if self.due(kind, step, rank):
                 os.kill(os.getpid(), getattr(signal, kind.upper()))
         if self.due("error", step, rank):
             raise RuntimeError(f"unexpected failure (injected by the fault hook at step {step})")
+        if self.due("hang", step, rank):
+            while signals.received is None:
+                time.sleep(0.05)
 
 
 class StopSignals:

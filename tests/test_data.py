@@ -440,7 +440,8 @@ def test_collate_pads_and_masks(scanned, tokenizer):
     assert len(set(lengths)) > 1 and len(set(text_lengths)) > 1  # padding really happens
     assert batch["patches"].shape == (3, max(lengths), 64)
     assert batch["text_ids"].shape == (3, max(text_lengths))
-    assert all(batch[k].dtype == torch.long for k in batch)
+    assert all(batch[k].dtype == torch.long for k in batch if not k.endswith("_cu"))
+    assert batch["patch_cu"].dtype == batch["text_cu"].dtype == torch.int32  # packing (fast.packing)
     assert batch["patch_mask"].sum(1).tolist() == lengths
     assert batch["text_mask"].sum(1).tolist() == text_lengths
     assert batch["index"].tolist() == [0, 1, 2]
