@@ -317,20 +317,10 @@ def restore_rng(state, device):
 
 
 def _check_lora(path, saved, model):
-    current = model.lora_state_dict()
-    missing = sorted(set(current) - set(saved))
-    unexpected = sorted(set(saved) - set(current))
-    wrong = [k for k in sorted(set(saved) & set(current)) if tuple(saved[k].shape) != tuple(current[k].shape)]
-    problems = []
-    if missing:
-        problems.append(f"missing LoRA keys {missing[:4]}{' ...' if len(missing) > 4 else ''}")
-    if unexpected:
-        problems.append(f"unexpected LoRA keys {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
-    if wrong:
-        problems.append("LoRA shape mismatch: " + ", ".join(
-            f"{k} checkpoint {tuple(saved[k].shape)}, model {tuple(current[k].shape)}" for k in wrong[:4]))
-    if problems:
-        raise CheckpointError(f"checkpoint {path} does not fit the model: " + "; ".join(problems))
+    try:
+        model.check_lora_state_dict(saved)
+    except CheckpointError as error:
+        raise CheckpointError(f"checkpoint {path} does not fit the model: {error}") from error
 
 
 def _check_optimizer(path, saved, optimizer):

@@ -145,6 +145,21 @@ def all_reduce_flag(flag):
         return bool(value.item())
 
 
+def computed_on_main(compute):
+    """compute() run on rank 0 alone, its result sent to every rank; a Clamp3LoraError that it
+    raises is raised on every rank (so no rank waits for a result that will never come)."""
+    outcome = None
+    if is_main():
+        try:
+            outcome = {"result": compute()}
+        except Clamp3LoraError as error:
+            outcome = {"error": error}
+    outcome = broadcast_object(outcome)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def all_gather_objects(obj):
     """[obj of rank 0, obj of rank 1, ...] on every rank ([obj] without a process group)."""
     if not (dist.is_available() and dist.is_initialized()):

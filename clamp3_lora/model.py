@@ -395,12 +395,9 @@ class Clamp3(nn.Module):
         """LoRA tensors only (CPU copies), keyed as in peft's adapter_model.safetensors."""
         return {k: p.detach().to("cpu", copy=True) for k, p in self._lora_parameters().items()}
 
-    def load_lora_state_dict(self, sd):
-        """Copy LoRA tensors into the current adapter in place (the parameter objects stay the same).
-
-        Strict: any missing or unexpected key, or a shape mismatch, raises CheckpointError and
-        leaves the adapter unchanged.
-        """
+    def check_lora_state_dict(self, sd):
+        """Raise CheckpointError naming missing or unexpected LoRA keys or shape mismatches of `sd`
+        against the current adapter; return the adapter's {key: parameter} when it fits."""
         params = self._lora_parameters()
         _check_keys(set(params), set(sd), what="LoRA")
         bad = [f"{k}: adapter {tuple(sd[k].shape)}, model {tuple(params[k].shape)}"
@@ -408,6 +405,15 @@ class Clamp3(nn.Module):
         if bad:
             raise CheckpointError(
                 "LoRA shape mismatch (different rank or hidden size?): " + _name_keys(bad))
+        return params
+
+    def load_lora_state_dict(self, sd):
+        """Copy LoRA tensors into the current adapter in place (the parameter objects stay the same).
+
+        Strict: any missing or unexpected key, or a shape mismatch, raises CheckpointError and
+        leaves the adapter unchanged.
+        """
+        params = self.check_lora_state_dict(sd)
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(sd[k])

@@ -644,16 +644,8 @@ def resume_path_stage(cfg, dist):
 
 def plan_stage(cfg, stage, stages, resume_stage, log_dir, dist, console):
     """Decide (on rank 0, shared with every rank) whether the stage starts fresh, resumes or is skipped."""
-    outcome = None
-    if dist.is_main:
-        try:
-            outcome = {"plan": decide(cfg, stage, stages, resume_stage, log_dir, dist.world_size, console)}
-        except Clamp3LoraError as error:
-            outcome = {"error": error}
-    outcome = distributed.broadcast_object(outcome)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["plan"]
+    return distributed.computed_on_main(
+        lambda: decide(cfg, stage, stages, resume_stage, log_dir, dist.world_size, console))
 
 
 def decide(cfg, stage, stages, resume_stage, log_dir, world_size, console):
@@ -719,17 +711,8 @@ def decide(cfg, stage, stages, resume_stage, log_dir, world_size, console):
 
 def shared_scan(path, cfg, dist):
     """scan_data_file on rank 0, its result shared with every rank (a DataError reaches all)."""
-    outcome = None
-    if dist.is_main:
-        try:
-            outcome = {"scan": scan_data_file(path, limit=cfg.bad_record_limit, progress=True,
-                                              max_patches=cfg.max_patches)}
-        except Clamp3LoraError as error:
-            outcome = {"error": error}
-    outcome = distributed.broadcast_object(outcome)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["scan"]
+    return distributed.computed_on_main(
+        lambda: scan_data_file(path, limit=cfg.bad_record_limit, progress=True, max_patches=cfg.max_patches))
 
 
 def make_sampler(dataset, cfg, dist, shuffle, what):
