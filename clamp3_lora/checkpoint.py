@@ -276,8 +276,6 @@ def read_finished(log_dir, stage):
     path = finished_path(log_dir, stage)
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return record if isinstance(record, dict) and record.get("stage") == stage else None

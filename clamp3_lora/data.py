@@ -271,9 +271,11 @@ def _parse_line(raw, path, number, base_dir):
     else:
         schema = "midicaps"
         given = [obj.get("location") or obj.get("music")]
-        name = "caption" if "caption" in obj else "description"
-        text = _as_text(obj.get(name))
-        texts = {name: text} if text else {}
+        texts = {}
+        for name in ("caption", "description"):  # the caption, else the description
+            if text := _as_text(obj.get(name)):
+                texts = {name: text}
+                break
     paths = [p for p in given if isinstance(p, str) and p.strip()]
     if not paths:
         return BadRecord(path, number, "no_music_path",

@@ -164,6 +164,8 @@ def check_config(cfg):
     for name in ("checkpoints_per_epoch", "warmup_steps", "num_workers"):
         if getattr(cfg, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must not be negative (got {getattr(cfg, name)})")
+    if not 0.0 <= cfg.bad_record_limit <= 1.0:
+        problems.append(f"--bad-record-limit {cfg.bad_record_limit}: use a share between 0 and 1")
     if problems:
         raise Clamp3LoraError("invalid settings:\n  " + "\n  ".join(problems))
     return [STAGES[name] for name in names]
@@ -209,8 +211,7 @@ class Progress:
         self.epoch_skipped = dict.fromkeys(SKIP_REASONS, 0)
 
     def copy(self):
-        return Progress(**{k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
-                           for k, v in asdict(self).items()})
+        return Progress(**asdict(self))  # asdict copies the dicts and lists (history entries too)
 
 
 @dataclass

@@ -478,3 +478,13 @@ def test_sequential_keys_and_eval_loader(scanned, tokenizer):
     batches = list(loader)
     assert [b["index"].tolist() for b in batches] == [[0, 1], [2]]
     assert torch.equal(batches[1]["text_ids"][0], dataset[2]["text_ids"])
+
+
+def test_midicaps_empty_caption_falls_back_to_description(tmp_path):
+    (tmp_path / "a.abc").write_text("X:1\nK:C\nabc|def|\n", encoding="utf-8")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"location": "a.abc", "caption": "", "description": "A tune in C."}) + "\n",
+                    encoding="utf-8")
+    scan = scan_data_file(data)
+    assert not scan.bad
+    assert scan.records[0].texts == {"description": "A tune in C."}
