@@ -9,13 +9,12 @@ import random
 import mido
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from clamp3_lora.data import (REASONS, Collator, MusicTextDataset, Record, SequentialKeys,
                               collate, encode_text, evaluation_text, make_loader, scan_data_file,
                               text_lines, training_text)
 from clamp3_lora.errors import DataError, MusicFormatError
+from trainer_fixtures import word_tokenizer
 
 ABC = 'X:1\nT:Test tune\nM:4/4\nL:1/8\nK:C\nV:1 nm="Piano" snm="Pno"\nCDEF GABc|cBAG FEDC|\n'
 ABC_OTHER = "X:2\nT:Other tune\nM:3/4\nK:G\nGAB|dcB|\n"
@@ -67,13 +66,7 @@ def decode(patch):
 @pytest.fixture(scope="module")
 def tokenizer():
     """A word-level tokenizer: <s>=0 <pad>=1 </s>=2 <unk>=3, then the words w0 .. w399."""
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    vocab.update({f"w{i}": 4 + i for i in range(400)})
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.add_special_tokens(["<s>", "<pad>", "</s>", "<unk>"])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                   sep_token="</s>", cls_token="<s>", pad_token="<pad>", unk_token="<unk>")
+    return word_tokenizer([f"w{i}" for i in range(400)])
 
 
 def words(start, stop):

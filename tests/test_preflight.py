@@ -20,6 +20,7 @@ import torch
 from clamp3_lora import preflight
 from clamp3_lora.cli import parse_config
 from config import TrainConfig
+from trainer_fixtures import word_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "test_lora_setup.py"
@@ -35,18 +36,7 @@ WORDS = ("tune reel jig hornpipe major minor slow fast dance irish collection ai
 
 def build_tokenizer(folder):
     """A small XLM-R-like word-level tokenizer (<s>=0, <pad>=1, </s>=2, <unk>=3) saved in `folder`."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    for word in WORDS + [str(n) for n in range(20)]:
-        vocab.setdefault(word, len(vocab))
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
-                                        sep_token="</s>", cls_token="<s>", pad_token="<pad>",
-                                        unk_token="<unk>")
-    tokenizer.save_pretrained(str(folder))
+    word_tokenizer(WORDS + [str(n) for n in range(20)]).save_pretrained(str(folder))
 
 
 def write_records(path, records):

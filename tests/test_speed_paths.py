@@ -17,8 +17,6 @@ import mido
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from clamp3_lora import fast
 from clamp3_lora.data import (Collator, MusicTextDataset, PatchCache, encode_text, evaluation_text,
@@ -27,16 +25,12 @@ from clamp3_lora.model import load_model
 from clamp3_lora.mtf import read_music
 from clamp3_lora.patches import _patch_rows, _segment_to_patch, patch_array, patchify, remove_instrument_info
 from clamp3_lora.step import packed_of, read_scalars
+from trainer_fixtures import word_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    vocab.update({f"w{i}": 4 + i for i in range(50)})
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                   sep_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    return word_tokenizer([f"w{i}" for i in range(50)])
 
 
 def long_abc(bars, voice=True):

@@ -15,18 +15,25 @@ WORDS = [f"w{i}" for i in range(200)]
 NOTES = "CDEFGABcdefgab"
 
 
-def make_tokenizer(folder):
-    """A word-level tokenizer with XLM-R's special ids (<s>=0, <pad>=1, </s>=2, <unk>=3), saved."""
+def word_tokenizer(words):
+    """An in-memory word-level tokenizer with XLM-R's special ids (<s>=0, <pad>=1, </s>=2, <unk>=3),
+    then `words` in order."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    vocab.update({word: i + 4 for i, word in enumerate(WORDS)})
+    for word in words:
+        vocab.setdefault(word, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                        sep_token="</s>", cls_token="<s>", pad_token="<pad>", unk_token="<unk>")
-    tokenizer.save_pretrained(str(folder))
+    backend.add_special_tokens(["<s>", "<pad>", "</s>", "<unk>"])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                   sep_token="</s>", cls_token="<s>", pad_token="<pad>", unk_token="<unk>")
+
+
+def make_tokenizer(folder):
+    """word_tokenizer(WORDS), saved in `folder`."""
+    word_tokenizer(WORDS).save_pretrained(str(folder))
     return Path(folder)
 
 
