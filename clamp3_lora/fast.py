@@ -444,4 +444,5 @@ __all__ = ["FastPaths", "Tokens", "packing", "attend", "padded_attention", "varl
 def settings_from_config(cfg):
     """The keyword arguments of Clamp3.prepare_for_training from a TrainConfig's speed fields."""
     return dict(fast_encoder=cfg.fast_encoder, compile=cfg.compile_layers, bf16_weights=cfg.bf16_weights,
-                shared_lora_dropout=cfg.shared_lora_dropout, fp32_residual=cfg.fp32_residual)
+                shared_lora_dropout=cfg.shared_lora_dropout, fp32_residual=cfg.fp32_residual,
+                cuda_graphs=cfg.cuda_graphs)

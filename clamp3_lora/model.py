@@ -34,6 +34,7 @@ from transformers import BertConfig, BertModel, XLMRobertaConfig, XLMRobertaMode
 from .errors import CheckpointError, Clamp3LoraError
 from .fast import (ATTENTION_MODES, COMPILE_MODES, FastPaths, check_encoder, music_hidden, store_frozen_weights,
                    text_hidden)
+from .graphs import EncoderGraphs
 
 PATCH_SIZE = 64
 """Characters per patch; fixed by the M3 patch format."""
@@ -253,6 +254,7 @@ class Clamp3(nn.Module):
         self.tokenizer = tokenizer
         self.base_checkpoint = None  # identity of the weights this model was loaded from (for records)
         self.fast = None  # FastPaths once prepare_for_training switched them on; None: transformers forward
+        self.graphs = None  # graphs.EncoderGraphs when prepare_for_training switched CUDA graphs on
         self.text_model = XLMRobertaModel(config.text_config(), add_pooling_layer=True)
         self.text_proj = nn.Linear(config.text_hidden_size, config.projection_size)
         self.symbolic_model = SymbolicEncoder(config)
@@ -270,6 +272,8 @@ class Clamp3(nn.Module):
         frozen = not any(p.requires_grad for p in self.text_model.parameters()) and not any(
             p.requires_grad for p in self.text_proj.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            if self.graphs is not None and self.training and frozen and packed is not None:
+                return self.graphs.text(input_ids, attention_mask, packed)
             if self.fast is not None:
                 hidden = text_hidden(self.text_model, input_ids, attention_mask, self.fast, packed)
             else:
@@ -278,7 +282,10 @@ class Clamp3(nn.Module):
 
     def music_features(self, patches, patch_mask, packed=None):
         """Global music features [B, projection] from patches [B, L, 64] and patch_mask [B, L]
-        (`packed`: as in text_features, of patch_mask)."""
+        (`packed`: as in text_features, of patch_mask). In training mode with CUDA graphs on (and
+        `packed` given), the captured pass of graphs.EncoderGraphs computes them."""
+        if self.graphs is not None and self.training and torch.is_grad_enabled() and packed is not None:
+            return self.graphs.music(patches, patch_mask, packed)
         if self.fast is not None:
             hidden = music_hidden(self.symbolic_model, patches, patch_mask, self.fast, packed)
         else:
@@ -294,7 +301,7 @@ class Clamp3(nn.Module):
     # --- fast paths -------------------------------------------------------------------------
 
     def prepare_for_training(self, precision="bf16", fast_encoder=True, compile=True, bf16_weights=True,
-                             shared_lora_dropout=True, fp32_residual=True, attention="auto"):
+                             shared_lora_dropout=True, fp32_residual=True, attention="auto", cuda_graphs=True):
         """Switch on the fast paths of the training step (call after add_adapter/load_adapter, on the
         model's final device, before DistributedDataParallel wraps it and before the first step).
 
@@ -309,6 +316,9 @@ class Clamp3(nn.Module):
         shared_lora_dropout: one LoRA dropout mask per layer input for query/key/value.
         fp32_residual: keep the fast encoder's residual stream in fp32 (else the compute dtype).
         attention: "auto", "varlen" or "padded" (see fast.FastPaths).
+        cuda_graphs: CUDA with the fast encoder only: training passes (model.train(), packed batches
+            from the collate function) replay CUDA graphs captured per batch shape
+            (clamp3_lora/graphs.py); evaluation runs eagerly.
         Every path computes the same function as the plain one (tests/test_fast_paths.py); adapters
         stay in peft's standard format. Returns {lever: on/off} for the log.
         """
@@ -325,6 +335,7 @@ class Clamp3(nn.Module):
                                   attention=attention, fp32_residual=bool(fp32_residual))
         else:
             self.fast = None
+        self.graphs = EncoderGraphs(self) if cuda_graphs and cuda and self.fast is not None else None
         stored_bf16 = bool(bf16_weights) and precision == "bf16" and cuda
         if stored_bf16:
             store_frozen_weights(self, torch.bfloat16)
@@ -332,7 +343,8 @@ class Clamp3(nn.Module):
                 "bf16_weights": stored_bf16,
                 "shared_lora_dropout": bool(self.fast and self.fast.shared_lora_dropout),
                 "fp32_residual": bool(self.fast and self.fast.fp32_residual),
-                "attention": self.fast.attention if self.fast else "transformers"}
+                "attention": self.fast.attention if self.fast else "transformers",
+                "cuda_graphs": self.graphs is not None}
 
     # --- adapters ---------------------------------------------------------------------------
 

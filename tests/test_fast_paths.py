@@ -235,7 +235,8 @@ def test_prepare_for_training_on_cpu_and_off_switch():
     model = tiny_model()
     state = model.prepare_for_training("bf16")
     assert state == {"fast_encoder": True, "compile": "none", "bf16_weights": False,
-                     "shared_lora_dropout": True, "fp32_residual": True, "attention": "auto"}
+                     "shared_lora_dropout": True, "fp32_residual": True, "attention": "auto",
+                     "cuda_graphs": False}
     assert model.prepare_for_training("bf16", fast_encoder=False)["fast_encoder"] is False
     assert model.fast is None
     with pytest.raises(Clamp3LoraError, match="attention mode"):

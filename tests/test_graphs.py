@@ -1,0 +1,82 @@
+"""The fixed-shape layout that CUDA graphs replay computes the same features and LoRA gradients as
+the fast path (issue 5). The capture itself needs CUDA: bench/train_step.py checks it on the GPU
+(features, loss and gradients against the plain fp32 path, fresh dropout masks per replay, the same
+masks again after the random state is restored)."""
+import pytest
+import torch
+
+from clamp3_lora import graphs
+from clamp3_lora.data import add_packing
+from clamp3_lora.model import clip_loss
+from test_fast_paths import FP32_TOL, make_batch, no_dropout, rel, step_outputs, tiny_model
+
+
+def test_bucket_sizes_are_few_and_waste_at_most_an_eighth():
+    sizes = [graphs.bucket_size(n) for n in range(1, 70000)]
+    assert all(s >= n for n, s in zip(range(1, 70000), sizes))
+    assert all(s <= n * 1.125 for n, s in zip(range(17, 70000), sizes[16:]))
+    assert sizes == sorted(sizes)
+    assert len(set(s for s in sizes if 4096 < s <= 8192)) == graphs.STEPS_PER_DOUBLING
+    for full in (512, 16 * 512, 24 * 512, 32 * 512, 128 * 512):  # full-length batches need no dummy tokens
+        assert graphs.bucket_size(full) == full
+
+
+def test_flat_layout_keeps_the_real_samples_and_splits_the_dummy_tokens():
+    lengths = (5, 1, 7, 8, 3)   # the bound (8) is at least every sample's length, as in use
+    batch = add_packing(make_batch(lengths=lengths))
+    index, cu = batch["patch_index"], batch["patch_cu"]
+    width, real = batch["patch_mask"].shape[1], index.shape[0]
+    size, bound = real + 2 * 8 + 5, 8   # three dummy samples of 8, 8 and 5 tokens
+    tokens, row = graphs.flat_layout(cu, index, width, size, bound)
+    sizes = (tokens.cu[1:] - tokens.cu[:-1]).tolist()
+    assert tokens.cu[:6].tolist() == cu.tolist()
+    assert sizes[5:] == [8, 8, 5] + [0] * (len(sizes) - 8) and tokens.cu[-1] == size
+    assert tokens.batch == len(sizes) and len(sizes) == 5 + -(-size // bound)
+    assert row[:real].tolist() == [b for b, n in enumerate(lengths) for _ in range(n)]
+    assert set(row[real:].tolist()) == {5}
+    assert tokens.column[:real].tolist() == (index % width).tolist()
+    assert tokens.column[real:].tolist() == list(range(8)) * 2 + list(range(5))
+    segment, rank = tokens.index // bound, tokens.index % bound
+    assert (rank == torch.arange(size) - tokens.cu.long()[segment]).all()
+
+
+def flat_outputs(model, batch, size=None):
+    """(music, text, loss, grads) through music_flat/text_flat with `size` slots (default: the bucket)."""
+    model.zero_grad(set_to_none=True)
+    music_size = size or graphs.bucket_size(batch["patch_index"].shape[0])
+    text_size = size or graphs.bucket_size(batch["text_index"].shape[0])
+    cd = pd = torch.float32
+    music = graphs.music_flat(model, *graphs.music_inputs(model, batch["patches"], batch["patch_mask"],
+                                                          (batch["patch_index"], batch["patch_cu"]), music_size), cd, pd)
+    with torch.no_grad():
+        text = graphs.text_flat(model, *graphs.text_inputs(model, batch["text_ids"], batch["text_mask"],
+                                                           (batch["text_index"], batch["text_cu"]), text_size), cd, pd)
+    loss = clip_loss(music, text)
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    return music.detach(), text, loss.detach(), grads
+
+
+@pytest.mark.parametrize("extra", [None, 0, 700], ids=["bucket", "no-dummy", "several-dummy-samples"])
+@pytest.mark.parametrize("hole", [False, True], ids=["prefix-masks", "masked-patch-inside"])
+def test_fixed_shape_layout_equals_the_fast_path_in_fp32(extra, hole):
+    model = tiny_model()
+    no_dropout(model)
+    model.train()
+    model.text_model.eval()
+    batch = add_packing(make_batch(lengths=(23, 1, 7, 16, 3, 40, 2), hole=hole))
+    model.prepare_for_training("fp32")
+    reference = step_outputs(model, batch)
+    size = None if extra is None else max(batch["patch_index"].shape[0], batch["text_index"].shape[0]) + extra
+    music, text, loss, grads = flat_outputs(model, batch, size)
+    assert rel(music, reference[0]) <= FP32_TOL
+    assert rel(text, reference[1]) <= FP32_TOL
+    assert rel(loss, reference[2]) <= FP32_TOL
+    assert set(grads) == set(reference[3])
+    assert max(rel(grads[name], reference[3][name]) for name in grads) <= FP32_TOL
+
+
+def test_cuda_graphs_stay_off_on_the_cpu_and_can_be_switched_off():
+    model = tiny_model()
+    assert model.prepare_for_training("fp32")["cuda_graphs"] is False and model.graphs is None
+    assert model.prepare_for_training("fp32", cuda_graphs=False)["cuda_graphs"] is False
