@@ -51,8 +51,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from clamp3_lora.data import Collator, MusicTextDataset, add_packing, make_loader, scan_data_file  # noqa: E402
 from clamp3_lora.model import Clamp3, _skip_weight_init, clip_loss, load_model, masked_mean  # noqa: E402
-from clamp3_lora.step import autocast, forward_loss, to_device  # noqa: E402
-from clamp3_lora.train import clip_and_read  # noqa: E402
+from clamp3_lora.step import autocast, forward_loss, packed_of, to_device, unwrap  # noqa: E402
+from clamp3_lora.train import clip_and_read, make_optimizer  # noqa: E402
 
 GIB = 1024 ** 3
 
@@ -75,10 +75,13 @@ VARIANTS = {  # in the order the levers section times them
     "plain_fp32w": dict(fast_encoder=False, bf16_weights=False),
     "fast_padded_attn": dict(attention="padded"),
     "fast_fp32w": dict(bf16_weights=False),
+    "fast_no_graphs": dict(cuda_graphs=False),
 }
 DESCRIPTIONS = {
     "naive": "naive trainer: one-hot via CPU fp32, pad 512, fp16+GradScaler, eager attention",
-    "fast": "project default: packed tokens + varlen flash, each layer compiled, bf16 weights, shared LoRA dropout",
+    "fast": "project default: packed tokens + varlen flash, each layer compiled, bf16 weights, shared LoRA dropout, "
+            "CUDA graphs",
+    "fast_no_graphs": "default without CUDA graphs (eager launches of the compiled layers)",
     "fast_regions": "default, but compiling the two regions around attention (attention outside)",
     "plain_fp32w": "plain transformers forward (SDPA), bf16 autocast, fp32 weights",
     "plain": "plain transformers forward (SDPA), bf16 autocast, bf16 weights",
@@ -120,6 +123,12 @@ def free(device):
 
 def peak_gib(device):
     return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else 0.0
+
+
+def reserved_gib(device):
+    """Peak memory the allocator held (CUDA graphs keep their activations in a pool of their own,
+    reserved but not counted as allocated between replays)."""
+    return torch.cuda.max_memory_reserved(device) / GIB if device.type == "cuda" else 0.0
 
 
 def reset_peak(device):
@@ -177,22 +186,25 @@ def set_eager_attention(model):
 # Steps
 
 
-def real_step(model, device, precision="bf16", max_grad_norm=1.0):
+def real_step(model, device, precision="bf16", max_grad_norm=1.0, gather=None):
     """The trainer's step: to_device, autocast + forward_loss, (scaled) backward, clip, AdamW step,
     zero_grad (clamp3_lora/train.py's loop without its bookkeeping; symbolic encoder in training
     mode, text encoder in eval mode, as the trainer sets them). As the trainer does for a one-batch
     step without a GradScaler, loss and gradient norm are read together after the backward pass
-    (train.clip_and_read: one host sync per step); with fp16 the GradScaler path reads them apart."""
-    params = model.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+    (train.clip_and_read: one host sync per step); with fp16 the GradScaler path reads them apart.
+    Under torchrun (bench/ddp_step.py) `model` is the DistributedDataParallel wrapper and `gather`
+    distributed.gather_with_grad, as in the trainer; by default one process, no gather."""
+    inner = unwrap(model)
+    params = inner.trainable_parameters()
+    optimizer = make_optimizer(params, 1e-4, 0.01, device)  # the trainer's (fused AdamW on CUDA)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
     model.train()
-    model.text_model.eval()  # as the trainer does: the frozen text side runs without dropout
+    inner.text_model.eval()  # as the trainer does: the frozen text side runs without dropout
 
     def step(cpu_batch):
         batch = to_device(cpu_batch, device)
         with autocast(device, precision):
-            loss, _, _ = forward_loss(model, batch)
+            loss, _, _ = forward_loss(model, batch, gather=gather)
         if scaler.is_enabled():
             value = loss.item()
             scaler.scale(loss).backward()
@@ -243,8 +255,10 @@ def naive_step(model, device, length):
 
 
 def time_steps(step, batches, device, warmup, blocks, steps):
-    """(median ms/step, all block ms/step, peak GiB after warm-up) over cycling `batches`."""
-    for i in range(warmup):
+    """(median ms/step, all block ms/step, (peak allocated, peak reserved) GiB after warm-up) over
+    cycling `batches`. The
+    warm-up sees every batch at least once (CUDA graphs are captured at a shape's first step)."""
+    for i in range(max(warmup, len(batches))):
         step(batches[i % len(batches)])
     sync(device)
     free(device)
@@ -259,7 +273,7 @@ def time_steps(step, batches, device, warmup, blocks, steps):
             i += 1
         sync(device)
         times.append((time.perf_counter() - start) * 1000 / steps)
-    return statistics.median(times), times, peak_gib(device)
+    return statistics.median(times), times, (peak_gib(device), reserved_gib(device))
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,6 +391,47 @@ def outputs(model, batch, device, precision):
     return music.detach().float(), text.detach().float(), loss.detach().float(), grads
 
 
+def no_dropout(model):
+    """Every dropout probability 0 (hidden, attention, LoRA): training mode becomes deterministic."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def train_outputs(model, batch, device, precision):
+    """(music, text, loss, grads) of one training-mode step with every dropout off, through the packed
+    batch as the trainer runs it (CUDA graphs where they are on)."""
+    no_dropout(model)
+    model.train()
+    model.text_model.eval()
+    model.zero_grad(set_to_none=True)
+    with autocast(device, precision):
+        loss, music, text = forward_loss(model, batch)
+    loss.backward()
+    grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return music.detach().float(), text.detach().float(), loss.detach().float(), grads
+
+
+def graph_dropout_check(config, state, device, batch):
+    """CUDA graphs in training mode with dropout on: two replays draw different masks; a replay after
+    the random state is restored draws the same masks again (what exact resume relies on)."""
+    model = build(config, state, device, "fast")
+    model.train()
+    model.text_model.eval()
+
+    def features():
+        with autocast(device, "bf16"):
+            return model.music_features(batch["patches"], batch["patch_mask"], packed_of(batch, "patch")).detach().float()
+    rng = torch.cuda.get_rng_state(device)
+    first, second = features(), features()
+    torch.cuda.set_rng_state(rng, device)
+    again = features()
+    result = {"graphs": model.graphs is not None, "captures": model.graphs.captures if model.graphs else 0,
+              "replays_differ": rel(second, first), "restored_state_repeats": rel(again, first)}
+    result["pass"] = result["graphs"] and result["replays_differ"] > 1e-3 and result["restored_state_repeats"] <= 1e-5
+    return result
+
+
 def failure(name, error):
     """A variant that raised: its traceback printed, the error recorded."""
     import traceback
@@ -437,6 +492,21 @@ def run_checks(config, state, device, spec, variants):
         results["fast_fp32"]["fp32_path"] = True
         del fp32_fast
         free(device)
+        for name in ("fast", "fast_no_graphs"):  # the trainer's own path: training mode, packed batch
+            try:
+                model = build(config, state, device, name)
+                results[f"{name}_train_mode"] = compare(train_outputs(model, batch, device, "bf16"), ref)
+                results[f"{name}_train_mode"]["graph_captures"] = model.graphs.captures if model.graphs else 0
+            except Exception as error:  # noqa: BLE001 -- recorded, printed, and the variant is not timed
+                results[f"{name}_train_mode"] = failure(name, error)
+            model = None
+            free(device)
+        if cuda:
+            try:
+                results["graph_dropout"] = graph_dropout_check(config, state, device, batch)
+            except Exception as error:  # noqa: BLE001
+                results["graph_dropout"] = failure("graph_dropout", error)
+            free(device)
         for name in variants:
             # The default is checked as timed (compiled); the other levers with their regions run
             # eagerly (the compiled code is the same functions; this saves a compile per variant).
@@ -453,6 +523,8 @@ def run_checks(config, state, device, spec, variants):
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     plain_grads = results["plain_bf16_autocast"]["grads"]
     for name, errors in results.items():
+        if name == "graph_dropout" and "error" not in errors:
+            continue
         if "error" in errors:
             errors["pass"] = False
         elif errors.get("fp32_path"):
@@ -470,7 +542,7 @@ def count_flops(config, state, device, spec):
     batch = full_batches(size, spec["length"], spec["text_tokens"], device, count=1,
                          vocab=config.text_vocab_size)[0]
     model = build(config, state, device)
-    model.prepare_for_training("bf16", compile=False)
+    model.prepare_for_training("bf16", compile=False, cuda_graphs=False)  # graph replays hide their kernels
     step = real_step(model, device)
     step(batch)
     with FlopCounterMode(display=False) as counter:
@@ -501,22 +573,27 @@ def gpu_busy(step, batches, device, steps=3):
         sync(device)
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.self_device_time_total for e in events) / steps / 1000
-    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:10]
+    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:25]
+    host = sorted((e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU),
+                  key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
     return busy, [{"kernel": e.key[:90], "ms_per_step": e.self_device_time_total / steps / 1000,
-                   "calls_per_step": e.count / steps} for e in top]
+                   "calls_per_step": e.count / steps} for e in top], \
+        [{"op": e.key[:90], "host_ms_per_step": e.self_cpu_time_total / steps / 1000,
+          "calls_per_step": e.count / steps} for e in host]
 
 
 def measure(name, make_step, batches, device, spec, flops_per_sample, ceiling, blocks=None, steps=None,
             warmup=None):
-    ms, all_ms, peak = time_steps(make_step(), batches, device, warmup or spec["warmup"],
-                                  blocks or spec["blocks"], steps or spec["steps"])
+    ms, all_ms, (peak, reserved) = time_steps(make_step(), batches, device, warmup or spec["warmup"],
+                                              blocks or spec["blocks"], steps or spec["steps"])
     size = batches[0]["patches"].shape[0]
     rate = size / (ms / 1000)
     row = {"variant": name, "batch": size, "ms_per_step": ms, "samples_per_s": rate, "peak_gib": peak,
-           "blocks_ms": all_ms}
+           "reserved_gib": reserved, "blocks_ms": all_ms}
     if flops_per_sample:
         row["mfu"] = flops_per_sample * 1e9 * rate / (ceiling * 1e12)
-    log(f"  {name:24s} batch {size:4d}: {ms:9.2f} ms/step {rate:9.1f} samples/s  peak {peak:6.2f} GiB"
+    log(f"  {name:24s} batch {size:4d}: {ms:9.2f} ms/step {rate:9.1f} samples/s  peak {peak:6.2f} GiB "
+        f"(reserved {reserved:6.2f})"
         + (f"  MFU {row['mfu']:.1%}" if "mfu" in row else ""))
     return row
 
@@ -597,6 +674,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sections", default="ceiling,checks,naive,real,demo,data,levers",
                         help="comma-separated subset of the sections to run")
+    parser.add_argument("--levers", default=",".join(VARIANTS),
+                        help="comma-separated variants the levers section times (default: all)")
     parser.add_argument("--budget-s", type=float, default=500, help="skip later sections after this many seconds")
     args = parser.parse_args(argv)
     spec = SMOKE if args.smoke else FULL
@@ -646,11 +725,21 @@ def main(argv=None):
         log("== checks against the plain fp32 path (rel. error; bf16 paths <= 1e-2, fp32 paths <= 1e-5)")
         checks = run_checks(config, state, device, spec, list(VARIANTS))
         for name, e in checks.items():
+            if name == "graph_dropout" and "error" not in e:
+                log(f"  {name:24s} {e['captures']} capture(s); two replays differ by {e['replays_differ']:.2e}, "
+                    f"a replay after restoring the random state by {e['restored_state_repeats']:.2e} "
+                    f"{'ok' if e['pass'] else 'FAILED'}")
+                continue
             log(f"  {name:24s} music {e['music']:.2e} text {e['text']:.2e} loss {e['loss']:.2e} "
                 f"grads {e['grads']:.2e} (worst tensor {e['grads_worst_tensor']:.2e}) "
                 f"{'ok' if e['pass'] else 'FAILED'}")
         results.put("checks", checks)
         passed = {name for name in VARIANTS if checks[name]["pass"]}
+        graph_checks = [checks[k]["pass"] for k in ("fast_train_mode", "graph_dropout") if k in checks]
+        if not all(graph_checks):
+            passed.discard("fast")  # the default path with CUDA graphs failed a check: not timed
+        if not checks.get("fast_no_graphs_train_mode", {}).get("pass", True):
+            passed.discard("fast_no_graphs")
 
     rows = []
     failures = []
@@ -667,10 +756,12 @@ def main(argv=None):
             step = real_step(model, device)
             row = measure(name, lambda: step, batches, device, spec, gflop, ceiling)
             if profile and device.type == "cuda":
-                busy, top = gpu_busy(step, batches, device)
-                row.update(gpu_busy_ms=busy, top_kernels=top)
+                busy, top, host = gpu_busy(step, batches, device)
+                row.update(gpu_busy_ms=busy, top_kernels=top, top_host_ops=host)
                 log(f"    GPU busy {busy:.2f} ms of {row['ms_per_step']:.2f} ms/step; top kernels: "
                     + "; ".join(f"{k['kernel'][:48]} {k['ms_per_step']:.2f} ms x{k['calls_per_step']:.0f}" for k in top[:6]))
+                log("    host time (self, per step): "
+                    + "; ".join(f"{k['op'][:40]} {k['host_ms_per_step']:.2f} ms x{k['calls_per_step']:.0f}" for k in host[:8]))
             return row
         except Exception as error:  # noqa: BLE001 -- recorded and printed; the other variants still run
             failures.append({"variant": name, "batch": size, **failure(name, error)})
@@ -727,8 +818,9 @@ def main(argv=None):
     lever_rows = []
     if "levers" in sections:
         log(f"== levers, one at a time (batch {spec['lever_batch']}, {spec['length']} patches)")
+        chosen = set(args.levers.split(","))
         for name in ["fast"] + list(VARIANTS):
-            if name in ("plain", "fast_fp32w") or (name == "fast" and lever_rows):
+            if name not in chosen or name in ("plain", "fast_fp32w") or (name == "fast" and lever_rows):
                 continue  # fast/plain timed above; bf16 storage is timed on the plain path (compile time)
             if not time_left("levers", 45):  # leave time for the data section
                 break
@@ -739,8 +831,8 @@ def main(argv=None):
                 lever_rows.append(row)
                 results.put("levers", lever_rows)
         big = spec["batches"][-1]
-        for name in ("fast_regions", "fast_bf16_residual", "plain"):  # the GPU-bound regime
-            if not time_left("levers", 45):
+        for name in ("fast_regions", "fast_bf16_residual", "plain", "fast_no_graphs"):  # the GPU-bound regime
+            if name not in chosen or not time_left("levers", 45):
                 break
             row = real(name, big)
             if row:
@@ -763,7 +855,8 @@ def main(argv=None):
 def summary(results, rows, demo_rows, data_rows, lever_rows, spec):
     """The closing table: full length, demo mix, levers, data, and the targets."""
     log("\n" + "=" * 100)
-    log(f"{'setting':28s} {'batch':>5s} {'ms/step':>9s} {'samples/s':>10s} {'peak GiB':>9s} {'MFU':>6s}  vs naive")
+    log(f"{'setting':28s} {'batch':>5s} {'ms/step':>9s} {'samples/s':>10s} {'peak GiB':>9s} {'reserved':>9s} "
+        f"{'MFU':>6s}  vs naive")
     naive = next((r for r in rows if r["variant"] == "naive"), None)
     for title, group in (("full length", rows), ("levers (full length)", lever_rows),
                          ("demo ABC mix", demo_rows)):
@@ -774,7 +867,7 @@ def summary(results, rows, demo_rows, data_rows, lever_rows, spec):
             speedup = f"{r['samples_per_s'] / naive['samples_per_s']:.1f}x" if naive else ""
             mfu = f"{r['mfu']:.1%}" if "mfu" in r else ""
             log(f"{r['variant']:28s} {r['batch']:5d} {r['ms_per_step']:9.2f} {r['samples_per_s']:10.1f} "
-                f"{r['peak_gib']:9.2f} {mfu:>6s}  {speedup}")
+                f"{r['peak_gib']:9.2f} {r.get('reserved_gib', 0):9.2f} {mfu:>6s}  {speedup}")
     if data_rows:
         log("-- data pipeline (samples/s)")
         for r in data_rows:
@@ -787,6 +880,7 @@ def summary(results, rows, demo_rows, data_rows, lever_rows, spec):
         targets["speedup_vs_naive_batch32"] = fast32["samples_per_s"] / naive["samples_per_s"]
         targets["mfu_batch32"] = fast32.get("mfu")
         targets["peak_gib_batch32"] = fast32["peak_gib"]
+        targets["reserved_gib_batch32"] = fast32.get("reserved_gib")
     if best:
         top = max(best.values(), key=lambda r: r["samples_per_s"])
         targets["best_full_length"] = {k: top[k] for k in ("batch", "samples_per_s", "mfu") if k in top}

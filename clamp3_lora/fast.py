@@ -352,13 +352,14 @@ def compute_dtype(device_type, weight):
     return weight.dtype
 
 
-def encode(bert, h, tokens, options, cd):
-    """Run the layers of a BertModel/XLMRobertaModel over packed tokens h [T, hidden] -> [T, hidden]."""
+def encode(bert, h, tokens, options, cd, parts=None):
+    """Run the layers of a BertModel/XLMRobertaModel over packed tokens h [T, hidden] -> [T, hidden].
+    `parts`: the layers' tensors (default: _encoder_parts(bert), the module's own)."""
     training = bert.training
     mode = options.compile if h.is_cuda else "none"
     compiled = mode != "none"
     rd = options.residual_dtype(cd)
-    parts = _encoder_parts(bert)
+    parts = _encoder_parts(bert) if parts is None else parts
     head_size = parts[0][4]
     varlen = options.attention == "varlen" or (
         options.attention == "auto" and varlen_available(h.device, cd, head_size))

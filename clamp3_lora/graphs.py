@@ -92,18 +92,31 @@ def music_inputs(model, patches, patch_mask, packed, size):
     return flat, tokens.column, tokens.cu, tokens.index, row, counts
 
 
-def music_flat(model, flat, positions, cu, slot_index, row, counts, cd, proj_dtype):
+def music_flat(model, flat, positions, cu, slot_index, row, counts, cd, proj_dtype, weights=None):
     """Music features [B, projection] from music_inputs(...): the fast path over the fixed-shape layout
-    (the same function as Clamp3.music_features with the fast encoder)."""
+    (the same function as Clamp3.music_features with the fast encoder). `weights` {parameter: tensor}
+    replaces layer parameters by other tensors (the graphs use views of the LoRA weights)."""
     encoder = model.symbolic_model
     bert = encoder.bert
     tokens = Tokens(index=slot_index, column=positions, cu=cu, batch=cu.shape[0] - 1,
                     width=model.config.symbolic_max_positions)
+    parts = _encoder_parts(bert)
+    if weights:
+        parts = _substitute(parts, {id(p): t for p, t in weights.items()})
     with torch.autocast(flat.device.type, enabled=False):
         x = encoder.embed_patches(flat.unsqueeze(0)).squeeze(0)
         h = _embeddings(bert, x, positions, model.fast, cd)
-        h = encode(bert, h, tokens, model.fast, cd)
+        h = encode(bert, h, tokens, model.fast, cd, parts)
         return _pool_and_project(h, row, counts, model.symbolic_proj, proj_dtype)
+
+
+def _substitute(parts, by_id):
+    """The nested tuples of parts with each tensor found in by_id (keyed by id) replaced."""
+    if isinstance(parts, (tuple, list)):
+        return type(parts)(_substitute(x, by_id) for x in parts)
+    if isinstance(parts, torch.Tensor):
+        return by_id.get(id(parts), parts)
+    return parts
 
 
 def text_bound(model):
@@ -164,7 +177,7 @@ class _Replay(torch.autograd.Function):
         captured = ctx.captured
         captured.grad_output.copy_(grad)
         captured.backward.replay()
-        return (None,) + tuple(None if g is None else g.clone() for g in captured.grads)
+        return (None,) + tuple(g.clone() for g in captured.grads)
 
 
 class EncoderGraphs:
@@ -207,7 +220,7 @@ class EncoderGraphs:
         captured = self.graphs.get(key)
         if captured is None:
             captured = self.graphs[key] = self._capture(
-                lambda *args: music_flat(model, *args, cd, pd), inputs, self._params())
+                lambda *args, weights: music_flat(model, *args, cd, pd, weights), inputs, self._params())
         for static, value in zip(captured.inputs, inputs):
             static.copy_(value)
         return _Replay.apply(captured, *self._params())
@@ -231,28 +244,36 @@ class EncoderGraphs:
         return captured.output.clone()
 
     def _capture(self, fn, inputs, params):
-        """Run fn once eagerly (on a side stream), then capture its forward (and with params, the
-        backward to them); the CUDA random state is left as it was."""
+        """Run fn once eagerly (on a side stream), then capture its forward and, with params (the
+        LoRA weights), its backward; the CUDA random state is left as it was.
+
+        With params, fn(*inputs, weights=...) computes with views of the weights made inside each pass,
+        and the backward is taken with respect to those views: the autograd graph then lies wholly
+        on the capturing stream, and the weights' own gradient hooks (DistributedDataParallel's)
+        fire only at replay, in _Replay's backward, never while capturing.
+        """
         device = inputs[0].device
         rng = torch.cuda.get_rng_state(device)
         static = [x.clone() for x in inputs]
         try:
-            with torch.autocast("cuda", enabled=False):
+            with torch.autocast("cuda", enabled=False), torch.set_grad_enabled(params is not None):
                 side = torch.cuda.Stream(device)
                 side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side):
-                    self._pass(fn, static, params)
+                    output, views = self._forward(fn, static, params)
+                    if views is not None:
+                        torch.autograd.grad(output, views, torch.ones_like(output))
+                    output = views = None
                 torch.cuda.current_stream(device).wait_stream(side)
                 forward = torch.cuda.CUDAGraph()
-                with torch.set_grad_enabled(params is not None), torch.cuda.graph(forward, pool=self.pool):
-                    output = fn(*static)
+                with torch.cuda.graph(forward, pool=self.pool, capture_error_mode="thread_local"):
+                    output, views = self._forward(fn, static, params)
                 captured = _Captured(static, forward, output)
-                if params is not None:
+                if views is not None:
                     captured.grad_output = torch.empty_like(output)
                     captured.backward = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(captured.backward, pool=self.pool):
-                        captured.grads = torch.autograd.grad(output, params, captured.grad_output,
-                                                             allow_unused=True)
+                    with torch.cuda.graph(captured.backward, pool=self.pool, capture_error_mode="thread_local"):
+                        captured.grads = torch.autograd.grad(output, views, captured.grad_output)
                     captured.output = output.detach()
         finally:
             torch.cuda.set_rng_state(rng, device)
@@ -260,11 +281,12 @@ class EncoderGraphs:
         return captured
 
     @staticmethod
-    def _pass(fn, inputs, params):
-        with torch.set_grad_enabled(params is not None):
-            output = fn(*inputs)
-            if params is not None:
-                torch.autograd.grad(output, params, torch.ones_like(output), allow_unused=True)
+    def _forward(fn, inputs, params):
+        """(output, views of params or None): one pass of fn, made in the current stream."""
+        if params is None:
+            return fn(*inputs), None
+        views = {p: p.view_as(p) for p in params}
+        return fn(*inputs, weights=views), list(views.values())
 
 
 __all__ = ["bucket_size", "flat_layout", "music_inputs", "music_flat", "text_inputs", "text_flat",

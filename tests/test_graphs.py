@@ -80,3 +80,28 @@ def test_cuda_graphs_stay_off_on_the_cpu_and_can_be_switched_off():
     model = tiny_model()
     assert model.prepare_for_training("fp32")["cuda_graphs"] is False and model.graphs is None
     assert model.prepare_for_training("fp32", cuda_graphs=False)["cuda_graphs"] is False
+
+
+def test_the_captured_backward_reaches_views_of_the_lora_weights_not_their_gradient_hooks():
+    """What EncoderGraphs captures: gradients with respect to views of the LoRA weights equal the
+    weights' gradients, and the weights' gradient hooks (DistributedDataParallel's) do not fire."""
+    model = tiny_model()
+    no_dropout(model)
+    model.train()
+    model.prepare_for_training("fp32")
+    batch = add_packing(make_batch(lengths=(23, 1, 7, 16)))
+    params = [p for p in model.symbolic_model.parameters() if p.requires_grad]
+    fired = []
+    for p in params:
+        p.register_post_accumulate_grad_hook(lambda p: fired.append(p))
+    inputs = graphs.music_inputs(model, batch["patches"], batch["patch_mask"],
+                                 (batch["patch_index"], batch["patch_cu"]), 64)
+    views = {p: p.view_as(p) for p in params}
+    out = graphs.music_flat(model, *inputs, torch.float32, torch.float32, views)
+    grad_out = torch.randn_like(out)
+    by_views = torch.autograd.grad(out, list(views.values()), grad_out)
+    assert fired == []
+    graphs.music_flat(model, *inputs, torch.float32, torch.float32).backward(grad_out)
+    assert len(fired) == len(params)
+    for p, g in zip(params, by_views):
+        assert rel(g, p.grad) <= FP32_TOL and g.abs().sum() > 0
