@@ -22,7 +22,7 @@ Timing is bench/train_step.time_steps: --warmup steps first (torch.compile, DDP'
 ms/step. The ranks run in lock step (they meet in the all-gather and the all-reduce of every step).
 
 Rank 0 writes OUT/ddp_N.json (N = world size; every rank's numbers in it) and prints one line:
-    ddp_step world 2 (nccl) | NVIDIA H100 80GB HBM3 | batch 32/rank | 58.1 ms/step | 1101.6 samples/s total ...
+    ddp_step world N (nccl) | CARD | full 512 patches, 128 tokens | batch 32/rank | MS ms/step | RATE samples/s total ...
 bench/multi_gpu.sh runs it with 1 and then 2 processes and computes the scaling efficiency.
 """
 import argparse
@@ -73,10 +73,8 @@ def measure(args, where):
     step = real_step(train_model, device, gather=gather)
     distributed.barrier()  # start together: the warm-up (compilation) of each rank is then comparable
     started = time.perf_counter()
-    ms, blocks_ms, memory = time_steps(step, batches, device, args.warmup, args.blocks, args.steps)
+    ms, blocks_ms, (peak, reserved) = time_steps(step, batches, device, args.warmup, args.blocks, args.steps)
     total_s = time.perf_counter() - started
-    # peak GiB after the warm-up: allocated, or (allocated, reserved) where time_steps gives both
-    peak, reserved = memory if isinstance(memory, tuple) else (memory, None)
     return {"rank": where.rank, "device": str(device), "card": card_name(device), "ms_per_step": ms,
             "blocks_ms": blocks_ms, "samples_per_s": args.batch * 1000 / ms, "peak_gib": peak,
             "reserved_gib": reserved, "warmup_s": total_s - sum(blocks_ms) * args.steps / 1000}
@@ -128,7 +126,7 @@ def main(argv=None):
                 "samples_per_s_total": sum(r["samples_per_s"] for r in rows),
                 "samples_per_s_per_rank": [r["samples_per_s"] for r in rows],
                 "peak_gib": max(r["peak_gib"] for r in rows),               # max over ranks
-                "reserved_gib": max(r["reserved_gib"] or 0.0 for r in rows),
+                "reserved_gib": max(r["reserved_gib"] for r in rows),
                 "warmup_s": max(r["warmup_s"] for r in rows),
                 "ranks": rows,
                 "env": {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,

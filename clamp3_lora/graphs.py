@@ -190,7 +190,7 @@ class EncoderGraphs:
 
     def __init__(self, model):
         self.model = model
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = None  # the memory pool all graphs share, made at the first capture
         self.graphs = {}
         self.signature = None
         self.captures = 0
@@ -211,37 +211,35 @@ class EncoderGraphs:
     def music(self, patches, patch_mask, packed):
         """Music features with grad (an autograd node replaying the captured backward)."""
         model = self.model
-        self._check_signature()
-        size = bucket_size(packed[0].shape[0])
         cd = compute_dtype("cuda", model.symbolic_model.bert.encoder.layer[0].intermediate.dense.weight)
         pd = projection_dtype("cuda", model.symbolic_proj.weight)
+        size = bucket_size(packed[0].shape[0])
         inputs = music_inputs(model, patches, patch_mask, packed, size)
-        key = ("music", patch_mask.shape[0], size, cd, pd)
-        captured = self.graphs.get(key)
-        if captured is None:
-            captured = self.graphs[key] = self._capture(
-                lambda *args, weights: music_flat(model, *args, cd, pd, weights), inputs, self._params())
-        for static, value in zip(captured.inputs, inputs):
-            static.copy_(value)
+        captured = self._graph(("music", patch_mask.shape[0], size, cd, pd), inputs, self._params(),
+                               lambda *args, weights: music_flat(model, *args, cd, pd, weights))
         return _Replay.apply(captured, *self._params())
 
     def text(self, input_ids, attention_mask, packed):
         """Text features without grad (the frozen text side)."""
         model = self.model
-        self._check_signature()
-        size = bucket_size(packed[0].shape[0])
         cd = compute_dtype("cuda", model.text_model.encoder.layer[0].intermediate.dense.weight)
         pd = projection_dtype("cuda", model.text_proj.weight)
+        size = bucket_size(packed[0].shape[0])
         inputs = text_inputs(model, input_ids, attention_mask, packed, size)
-        key = ("text", attention_mask.shape[0], size, cd, pd)
-        captured = self.graphs.get(key)
-        if captured is None:
-            captured = self.graphs[key] = self._capture(
-                lambda *args: text_flat(model, *args, cd, pd), inputs, None)
-        for static, value in zip(captured.inputs, inputs):
-            static.copy_(value)
+        captured = self._graph(("text", attention_mask.shape[0], size, cd, pd), inputs, None,
+                               lambda *args: text_flat(model, *args, cd, pd))
         captured.forward.replay()
         return captured.output.clone()
+
+    def _graph(self, key, inputs, params, fn):
+        """The graph of `key` (captured now if it is new), its static inputs set to `inputs`."""
+        self._check_signature()
+        captured = self.graphs.get(key)
+        if captured is None:
+            captured = self.graphs[key] = self._capture(fn, inputs, params)
+        for static, value in zip(captured.inputs, inputs):
+            static.copy_(value)
+        return captured
 
     def _capture(self, fn, inputs, params):
         """Run fn once eagerly (on a side stream), then capture its forward and, with params (the
@@ -253,6 +251,7 @@ class EncoderGraphs:
         fire only at replay, in _Replay's backward, never while capturing.
         """
         device = inputs[0].device
+        self.pool = self.pool or torch.cuda.graph_pool_handle()
         rng = torch.cuda.get_rng_state(device)
         static = [x.clone() for x in inputs]
         try:

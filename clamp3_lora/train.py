@@ -857,7 +857,7 @@ def resume_command(argv, dist):
         kept.append(arg)
     nodes = int(os.environ.get("GROUP_WORLD_SIZE", 1))
     if dist.world_size > 1:
-        launcher = ["torchrun"] + ([f"--nnodes={nodes}"] if nodes > 1 else []) + [
+        launcher = ["torchrun"] + ([f"--nnodes={nodes}"] if nodes > 1 else ["--standalone"]) + [
             f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', dist.world_size)}"]
     else:
         launcher = ["python"]

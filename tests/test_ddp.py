@@ -20,7 +20,7 @@ from config import TrainConfig
 from dist_fixtures import free_port, join_group, run_processes, tiny_training_model, training_batch
 from trainer_fixtures import (adapter_weights, comparable_history, explain, final_lora, log_dir, make_workspace,
                               max_difference, read_steps, run_torchrun, session_survivors, start_torchrun,
-                              stop_session, trainer_args)
+                              stop_session, torchrun_workers, trainer_args)
 
 CPU = torch.device("cpu")
 
@@ -230,11 +230,13 @@ def test_a_stuck_rank_ends_the_job_with_a_message_after_the_timeout(workspace, t
     exits; torchrun then stops rank 1. (The timeout leaves room for the ranks' start-up skew.)"""
     output = tmp_path / "output"
     launcher = start_torchrun(trainer_args(workspace, output, batch_size=2, dist_timeout_s=12, fault_inject="hang@2:1"))
+    workers = torchrun_workers(launcher)
     try:
+        assert len(workers) == 2
         stdout, stderr = launcher.communicate(timeout=90)  # the timeout, not the hang, ends the job
     finally:
-        survivors = session_survivors(launcher)
-        stop_session(launcher)
+        survivors = session_survivors(launcher, workers)
+        stop_session(launcher, workers)
     assert launcher.returncode != 0
     assert "[rank 0] ✗ the all-reduce" in stderr and "did not answer within the collective timeout" in stderr, (
         stdout + stderr)

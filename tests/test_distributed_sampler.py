@@ -14,7 +14,7 @@ from clamp3_lora.model import clip_loss
 from dist_fixtures import free_port, join_group, run_processes
 from trainer_fixtures import (explain, final_lora, log_dir, max_difference, read_history, read_steps,
                               reference_run, run_torchrun, run_trainer, session_survivors, start_torchrun,
-                              stop_session, trainer_args)
+                              stop_session, torchrun_workers, trainer_args)
 
 
 def epoch_batches(n, batch_size, world_size, epoch, seed=3, shuffle=True):
@@ -171,13 +171,15 @@ def test_sigterm_to_torchrun_gives_one_emergency_checkpoint_and_every_process_ex
             assert launcher.poll() is None, launcher.communicate()
             assert time.time() < deadline, "no training step logged in time"
             time.sleep(0.05)
+        workers = torchrun_workers(launcher)
+        assert len(workers) == 2
         launcher.send_signal(signal.SIGTERM)
         stdout, stderr = launcher.communicate(timeout=60)  # every process gone within the bound
     finally:
-        survivors = session_survivors(launcher)
-        stop_session(launcher)
+        survivors = session_survivors(launcher, workers)
+        stop_session(launcher, workers)
     assert stdout.count("emergency checkpoint (SIGTERM) saved") == 1, stdout + stderr
-    assert "torchrun --nproc_per_node=2 train_clamp3_lora.py" in stdout and "--resume auto" in stdout
+    assert "torchrun --standalone --nproc_per_node=2 train_clamp3_lora.py" in stdout and "--resume auto" in stdout
     state = checkpoint.load(log_dir(output) / "ABC_emergency_checkpoint.pth", stage="ABC")
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and all(state["rng"])
     assert survivors == []

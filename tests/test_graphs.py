@@ -105,3 +105,82 @@ def test_the_captured_backward_reaches_views_of_the_lora_weights_not_their_gradi
     assert len(fired) == len(params)
     for p, g in zip(params, by_views):
         assert rel(g, p.grad) <= FP32_TOL and g.abs().sum() > 0
+
+
+class _Rerun:
+    """Stands in for a CUDA graph on the CPU: replay() runs the recorded function again."""
+
+    def __init__(self, run):
+        self.replay = run
+
+
+class EagerGraphs(graphs.EncoderGraphs):
+    """EncoderGraphs whose 'capture' records the pass as a function rerun at each replay (the CPU
+    has no CUDA graphs): everything else -- shapes, keys, static inputs, the autograd node, the
+    copies out of the static buffers -- is the real code."""
+
+    def _capture(self, fn, inputs, params):
+        captured = graphs._Captured([x.clone() for x in inputs], None, None)
+        saved = {}
+
+        def forward():
+            with torch.set_grad_enabled(params is not None):
+                output, views = self._forward(fn, captured.inputs, params)
+            saved.update(output=output, views=views)
+            if captured.output is None:
+                captured.output = output.detach().clone()
+                captured.grad_output = torch.empty_like(output)
+            captured.output.copy_(output.detach())
+
+        def backward():
+            grads = torch.autograd.grad(saved["output"], saved["views"], captured.grad_output)
+            if captured.grads is None:
+                captured.grads = [torch.empty_like(g) for g in grads]
+            for static, g in zip(captured.grads, grads):
+                static.copy_(g)
+
+        captured.forward, captured.backward = _Rerun(forward), _Rerun(backward)
+        self.captures += 1
+        return captured
+
+
+def test_graph_replays_give_the_fast_path_features_and_accumulate_gradients_correctly():
+    """Two batches of one shape and one of another through EncoderGraphs (replays standing in for
+    CUDA graphs): features and LoRA gradients equal the fast path's, gradients of two micro-steps
+    add up, the features of a replay survive the next replay (copied out of the static buffers),
+    one capture per shape and encoder, and a new adapter tensor drops the captured graphs."""
+    model = tiny_model()
+    no_dropout(model)
+    model.train()
+    model.text_model.eval()
+    model.prepare_for_training("fp32")
+    first = add_packing(make_batch(seed=1, lengths=(23, 1, 7, 16)))
+    second = add_packing(make_batch(seed=2, lengths=(20, 3, 9, 15)))   # the same bucket as `first`
+    other = add_packing(make_batch(seed=3, lengths=(40, 30, 2, 9)))
+
+    def losses(batches, via_graphs):
+        model.graphs = EagerGraphs(model) if via_graphs else None
+        model.zero_grad(set_to_none=True)
+        features = []
+        for batch in batches:
+            music = model.music_features(batch["patches"], batch["patch_mask"],
+                                         (batch["patch_index"], batch["patch_cu"]) if via_graphs else None)
+            with torch.no_grad():
+                text = model.text_features(batch["text_ids"], batch["text_mask"],
+                                           (batch["text_index"], batch["text_cu"]) if via_graphs else None)
+            clip_loss(music, text).backward()
+            features.append((music.detach(), text))
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return features, grads, model.graphs
+
+    batches = [first, second, other]
+    plain_features, plain_grads, _ = losses(batches, via_graphs=False)
+    graph_features, graph_grads, replayed = losses(batches, via_graphs=True)
+    for (music, text), (p_music, p_text) in zip(graph_features, plain_features):
+        assert rel(music, p_music) <= FP32_TOL and rel(text, p_text) <= FP32_TOL
+    assert max(rel(graph_grads[n], plain_grads[n]) for n in plain_grads) <= FP32_TOL
+    assert replayed.captures == 3 and len(replayed.graphs) == 3   # music: two shapes; text: one (same lengths)
+    lora = next(p for p in model.parameters() if p.requires_grad)
+    lora.data = lora.data.clone()                                     # another tensor: graphs dropped
+    model.music_features(first["patches"], first["patch_mask"], (first["patch_index"], first["patch_cu"]))
+    assert replayed.captures == 4 and len(replayed.graphs) == 1

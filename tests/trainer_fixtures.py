@@ -5,6 +5,7 @@ import os
 import random
 import signal
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -147,16 +148,40 @@ def start_torchrun(args, nproc=2, env=None):
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def session_survivors(process):
-    """Ids of the processes still alive in the session `process` started (start_torchrun)."""
+def torchrun_workers(launcher, nproc=2, timeout=60):
+    """Pids of the trainer processes a running torchrun launcher started. torchrun starts each in a
+    session of its own, so they must be looked up as its children while it runs."""
+    deadline = time.time() + timeout
+    while True:
+        found = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+        if len(found) >= nproc or launcher.poll() is not None or time.time() > deadline:
+            return [int(pid) for pid in found]
+        time.sleep(0.05)
+
+
+def _alive(pid):
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def session_survivors(process, workers=()):
+    """Ids of the processes still alive in the session `process` started (start_torchrun), and of
+    the `workers` (torchrun_workers) still alive."""
     found = subprocess.run(["pgrep", "-s", str(process.pid)], capture_output=True, text=True)
-    return found.stdout.split()
+    return found.stdout.split() + [str(pid) for pid in workers if _alive(pid)]
 
 
-def stop_session(process):
-    """SIGKILL every process of the session `process` started, if any is left (test clean-up)."""
-    if session_survivors(process):
+def stop_session(process, workers=()):
+    """SIGKILL every process of the session `process` started and every worker, if any is left
+    (test clean-up)."""
+    if subprocess.run(["pgrep", "-s", str(process.pid)], capture_output=True).returncode == 0:
         os.killpg(process.pid, signal.SIGKILL)
+    for pid in workers:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
     process.wait()
 
 
