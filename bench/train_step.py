@@ -619,8 +619,9 @@ def demo_batches(tokenizer, size, count, device, seed=0, vocab=None):
 
 
 def data_pipeline(tokenizer, spec, device, folder):
-    """Samples/s of the data pipeline alone per dataset and worker count, plus the time one sample
-    takes in one process (what each worker spends per sample)."""
+    """Samples/s of the data pipeline alone per dataset, worker count and batch size (32, and the
+    largest timed batch with the most workers), plus the time one sample takes in one process (what
+    each worker spends per sample)."""
     from synthetic_midi import write_long_pieces
     long_mtf, long_midi = write_long_pieces(folder, count=spec["long_pieces"], seed=0)
     sets = {"demo_abc": ROOT / "demo" / "abc_train.jsonl", "demo_mtf": ROOT / "demo" / "mtf_train.jsonl",
@@ -640,12 +641,13 @@ def data_pipeline(tokenizer, spec, device, folder):
                 f"(mean {statistics.mean(lengths):.0f} patches)")
         if label in ("long_midi", "demo_mtf"):
             continue  # long_midi: seconds per batch per worker; demo_mtf: between demo_abc and long_mtf
-        settings = [(w, True) for w in spec["workers"]]
+        most = max(spec["workers"])
+        settings = [(w, True, 32) for w in spec["workers"]] + [(most, True, spec["batches"][-1])]
         if label == "long_mtf":
-            settings.append((max(spec["workers"]), False))  # cache off: every sample read and cut again
-        for workers, cached in settings:
+            settings.append((most, False, 32))  # cache off: every sample read and cut again
+        for workers, cached, size in settings:
             dataset = MusicTextDataset(records, tokenizer, train=True, cache_mb=256 if cached else 0)
-            loader = make_loader(dataset, RandomKeys(len(records), 10 ** 6, seed=workers), 32,
+            loader = make_loader(dataset, RandomKeys(len(records), 10 ** 6, seed=workers), size,
                                  num_workers=workers, pin_memory=device.type == "cuda")
             batches = iter(loader)
             next(batches)  # worker start-up and the first prefetch are not counted
@@ -657,9 +659,10 @@ def data_pipeline(tokenizer, spec, device, folder):
                 batches._shutdown_workers()  # persistent workers would otherwise linger and load the CPU
             del batches, loader
             gc.collect()
-            rows.append({"data": label, "workers": workers, "samples_per_s": rate, "cache": cached,
+            rows.append({"data": label, "workers": workers, "batch": size, "samples_per_s": rate, "cache": cached,
                          "mean_patches": statistics.mean(lengths), "records": len(records)})
-            log(f"  {label:10s} workers {workers:2d}{'' if cached else ' (cache off)'}: {rate:9.1f} samples/s")
+            log(f"  {label:10s} workers {workers:2d} batch {size:3d}{'' if cached else ' (cache off)'}: "
+                f"{rate:9.1f} samples/s")
     return rows
 
 
@@ -871,7 +874,8 @@ def summary(results, rows, demo_rows, data_rows, lever_rows, spec):
     if data_rows:
         log("-- data pipeline (samples/s)")
         for r in data_rows:
-            log(f"{r['data']:12s} workers {str(r['workers']):>11s}{'' if r.get('cache', True) else ' (cache off)'}: "
+            log(f"{r['data']:12s} workers {str(r['workers']):>11s} batch {r.get('batch', ''):>3}"
+                f"{'' if r.get('cache', True) else ' (cache off)'}: "
                 f"{r['samples_per_s']:9.1f}")
     targets = {}
     best = {r["batch"]: r for r in rows if r["variant"] == "fast"}

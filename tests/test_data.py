@@ -10,7 +10,7 @@ import mido
 import pytest
 import torch
 
-from clamp3_lora.data import (REASONS, Collator, MusicTextDataset, Record, SequentialKeys,
+from clamp3_lora.data import (REASONS, Collator, MusicTextDataset, Record, SequentialKeys, TextCache,
                               collate, encode_text, evaluation_text, make_loader, scan_data_file,
                               text_lines, training_text)
 from clamp3_lora.errors import DataError, MusicFormatError
@@ -317,6 +317,19 @@ def test_text_cut_to_128_tokens_head_in_eval_window_in_train(tokenizer):
     short, short_ids = words(0, 5)
     assert encode_text(tokenizer, short, 128, random.Random(1)) == [0] + short_ids + [2]
     assert encode_text(tokenizer, f"w1{SEP}w2", 128) == [0, 5, 2, 6, 2]  # sep stays a token
+
+
+def test_text_cache_gives_the_same_ids_and_stays_bounded(tokenizer):
+    cache = TextCache(entries=3)
+    text, _ = words(0, 300)
+    for seed in range(6):  # windows cut from the cached tokens, which stay whole
+        assert encode_text(tokenizer, text, 128, random.Random(seed), cache) == \
+            encode_text(tokenizer, text, 128, random.Random(seed))
+    assert len(cache.get(text)) == 300
+    for n in range(1, 6):
+        short, ids = words(0, n)
+        assert encode_text(tokenizer, short, 128, cache=cache) == [0] + ids + [2]
+        assert len(cache.tokens) <= 3
 
 
 # --------------------------------------------------------------------------------------------
