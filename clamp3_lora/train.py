@@ -345,6 +345,7 @@ def run_stage(cfg, stage, number, total, plan, dist, signals, faults, console, a
         return path
 
     # --- the training loop -----------------------------------------------------------------------
+    bar = None  # the epoch's progress bar, closed before any message that ends the stage
     try:
         for epoch in range(progress.epoch, cfg.epochs):
             console.epoch_rule(stage.name, epoch + 1, cfg.epochs)
@@ -468,8 +469,10 @@ def run_stage(cfg, stage, number, total, plan, dist, signals, faults, console, a
                 window_records, window_losses, window_grads = [], [], 0
 
                 if distributed.all_reduce_flag(signals.received is not None):
+                    bar.close()
                     raise stop_for_signal(signals, save_emergency, stage, argv, dist)
                 if progress.bad_in_row >= cfg.max_bad_steps_in_row:
+                    bar.close()
                     path = save_emergency("too many bad steps")
                     raise StopTraining(EXIT_BAD_STEPS, (
                         f"✗ {progress.bad_in_row} batches in a row were skipped (out of memory or NaN/Inf; "
@@ -536,6 +539,8 @@ def run_stage(cfg, stage, number, total, plan, dist, signals, faults, console, a
     except StopTraining:
         raise
     except Exception as error:
+        if bar is not None:
+            bar.close()
         if not isinstance(error, Clamp3LoraError):  # those are printed once, by main
             console.error(f"✗ [{stage.name}] training failed: {type(error).__name__}: {error}")
         try:
@@ -583,8 +588,8 @@ def evaluate(model, loader, sampler, cfg, dist, signals, desc):
     model.eval()
     sampler.set_epoch(0)
     musics, texts, loss_sum, count = [], [], 0.0, 0
-    with torch.no_grad():
-        for batch in tqdm(loader, desc=desc, disable=not dist.is_main, dynamic_ncols=True, leave=True):
+    with torch.no_grad(), tqdm(loader, desc=desc, disable=not dist.is_main, dynamic_ncols=True, leave=True) as bar:
+        for batch in bar:
             if distributed.all_reduce_flag(signals.received is not None):
                 return None
             batch = to_device(batch, dist.device)
