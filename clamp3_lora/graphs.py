@@ -196,12 +196,16 @@ class EncoderGraphs:
         self.captures = 0
 
     def _check_signature(self):
+        """Drop the graphs when the layers' tensors were gathered anew (fast._encoder_parts rebuilds
+        them when the adapter or a dropout changes; held here, so an identity check is safe) or a
+        LoRA weight is another tensor."""
         model = self.model
-        signature = (id(_encoder_parts(model.symbolic_model.bert)), id(_encoder_parts(model.text_model)),
-                     tuple(p.data_ptr() for p in self._params()))
-        if signature != self.signature:
+        parts = (_encoder_parts(model.symbolic_model.bert), _encoder_parts(model.text_model))
+        pointers = tuple(p.data_ptr() for p in self._params())
+        if self.signature is None or any(a is not b for a, b in zip(parts, self.signature[0])) \
+                or pointers != self.signature[1]:
             self.graphs.clear()
-            self.signature = signature
+            self.signature = (parts, pointers)
 
     def _params(self):
         model = self.model

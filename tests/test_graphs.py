@@ -46,11 +46,13 @@ def flat_outputs(model, batch, size=None):
     music_size = size or graphs.bucket_size(batch["patch_index"].shape[0])
     text_size = size or graphs.bucket_size(batch["text_index"].shape[0])
     cd = pd = torch.float32
-    music = graphs.music_flat(model, *graphs.music_inputs(model, batch["patches"], batch["patch_mask"],
-                                                          (batch["patch_index"], batch["patch_cu"]), music_size), cd, pd)
+    music_in = graphs.music_inputs(model, batch["patches"], batch["patch_mask"],
+                                   (batch["patch_index"], batch["patch_cu"]), music_size)
+    text_in = graphs.text_inputs(model, batch["text_ids"], batch["text_mask"],
+                                 (batch["text_index"], batch["text_cu"]), text_size)
+    music = graphs.music_flat(model, *music_in, cd, pd)
     with torch.no_grad():
-        text = graphs.text_flat(model, *graphs.text_inputs(model, batch["text_ids"], batch["text_mask"],
-                                                           (batch["text_index"], batch["text_cu"]), text_size), cd, pd)
+        text = graphs.text_flat(model, *text_in, cd, pd)
     loss = clip_loss(music, text)
     loss.backward()
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
@@ -148,7 +150,7 @@ def test_graph_replays_give_the_fast_path_features_and_accumulate_gradients_corr
     """Two batches of one shape and one of another through EncoderGraphs (replays standing in for
     CUDA graphs): features and LoRA gradients equal the fast path's, gradients of two micro-steps
     add up, the features of a replay survive the next replay (copied out of the static buffers),
-    one capture per shape and encoder, and a new adapter tensor drops the captured graphs."""
+    one capture per shape and encoder, and a new adapter tensor or dropout drops the captured graphs."""
     model = tiny_model()
     no_dropout(model)
     model.train()
@@ -184,3 +186,6 @@ def test_graph_replays_give_the_fast_path_features_and_accumulate_gradients_corr
     lora.data = lora.data.clone()                                     # another tensor: graphs dropped
     model.music_features(first["patches"], first["patch_mask"], (first["patch_index"], first["patch_cu"]))
     assert replayed.captures == 4 and len(replayed.graphs) == 1
+    model.symbolic_model.bert.encoder.layer[0].output.dropout.p = 0.5  # another dropout: dropped too
+    model.music_features(first["patches"], first["patch_mask"], (first["patch_index"], first["patch_cu"]))
+    assert replayed.captures == 5 and len(replayed.graphs) == 1
