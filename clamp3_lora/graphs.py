@@ -195,13 +195,13 @@ class EncoderGraphs:
         self.signature = None
         self.captures = 0
 
-    def _check_signature(self):
+    def _check_signature(self, params):
         """Drop the graphs when the layers' tensors were gathered anew (fast._encoder_parts rebuilds
         them when the adapter or a dropout changes; held here, so an identity check is safe) or a
-        LoRA weight is another tensor."""
+        LoRA weight (`params`, from _params) is another tensor."""
         model = self.model
         parts = (_encoder_parts(model.symbolic_model.bert), _encoder_parts(model.text_model))
-        pointers = tuple(p.data_ptr() for p in self._params())
+        pointers = tuple(p.data_ptr() for p in params)
         if self.signature is None or any(a is not b for a, b in zip(parts, self.signature[0])) \
                 or pointers != self.signature[1]:
             self.graphs.clear()
@@ -219,9 +219,10 @@ class EncoderGraphs:
         pd = projection_dtype("cuda", model.symbolic_proj.weight)
         size = bucket_size(packed[0].shape[0])
         inputs = music_inputs(model, patches, patch_mask, packed, size)
-        captured = self._graph(("music", patch_mask.shape[0], size, cd, pd), inputs, self._params(),
+        params = self._params()
+        captured = self._graph(("music", patch_mask.shape[0], size, cd, pd), inputs, params,
                                lambda *args, weights: music_flat(model, *args, cd, pd, weights))
-        return _Replay.apply(captured, *self._params())
+        return _Replay.apply(captured, *params)
 
     def text(self, input_ids, attention_mask, packed):
         """Text features without grad (the frozen text side)."""
@@ -236,8 +237,9 @@ class EncoderGraphs:
         return captured.output.clone()
 
     def _graph(self, key, inputs, params, fn):
-        """The graph of `key` (captured now if it is new), its static inputs set to `inputs`."""
-        self._check_signature()
+        """The graph of `key` (captured now if it is new), its static inputs set to `inputs`;
+        `params`: the LoRA weights the captured backward differentiates (None: forward only)."""
+        self._check_signature(self._params() if params is None else params)
         captured = self.graphs.get(key)
         if captured is None:
             captured = self.graphs[key] = self._capture(fn, inputs, params)
