@@ -111,9 +111,13 @@ class TrainConfig:
     shared_lora_dropout: bool = True
     """One LoRA dropout mask per layer input shared by query/key/value (one fused LoRA matmul)
     instead of one mask per projection."""
-    fp32_residual: bool = True
-    """Keep the fast encoder's residual stream in fp32 (as autocast does); --no-fp32-residual keeps
-    it in bf16 (less memory traffic, slightly larger rounding error)."""
+    fp32_residual: bool = False
+    """Keep the fast encoder's residual stream in fp32 (as autocast does); off (default): in the
+    compute dtype, bf16 (less memory traffic: 3-6% faster on an H100, BENCHMARKS.md; rounding error
+    7e-3 against 6e-3, within the bf16 tolerance)."""
+    patch_kernel: bool = True
+    """Sum the patch embedding (64 table rows per patch) with a Triton kernel on CUDA instead of
+    embedding_bag (the same sums; clamp3_lora/kernels.py)."""
     cuda_graphs: bool = True
     """Replay the training step's encoder passes as CUDA graphs, captured once per batch shape (token
     counts rounded up to 8 sizes per doubling; CUDA with the fast encoder only): removes the kernel

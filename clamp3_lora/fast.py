@@ -19,7 +19,7 @@ differs:
   (one [T, hidden] x [hidden, 3r] matmul) instead of three masks; each projection's LoRA still sees
   its input dropped with probability p, as in peft.
 - Explicit compute dtype: the fast path runs with autocast off, in the autocast dtype of the caller
-  (bf16/fp16 matmuls, LayerNorm in fp32, the residual stream in fp32 unless fp32_residual=False),
+  (bf16/fp16 matmuls, LayerNorm in fp32, the residual stream in the compute dtype unless fp32_residual=True),
   so frozen weights stored in bf16 are used as they are, without per-step casts.
 
 Measured on an H100 in BENCHMARKS.md (bench/train_step.py).
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .errors import Clamp3LoraError
 
 ATTENTION_MODES = ("auto", "varlen", "padded")
@@ -53,9 +54,12 @@ class FastPaths:
     attention: str = "auto"
     """varlen (flash attention over packed tokens, CUDA bf16/fp16), padded (SDPA over rows padded to
     the longest piece, key-masked), or auto (varlen where it can run, else padded)."""
-    fp32_residual: bool = True
+    fp32_residual: bool = False
     """Keep the residual stream (LayerNorm outputs) in fp32, as autocast does; False keeps it in the
     compute dtype (less memory traffic, slightly larger rounding error)."""
+    patch_kernel: bool = True
+    """Sum the patch embedding's rows with the Triton kernel of clamp3_lora/kernels.py where it can
+    run (CUDA with Triton) instead of embedding_bag."""
 
     def residual_dtype(self, cd):
         return torch.float32 if self.fp32_residual else cd
@@ -176,37 +180,69 @@ def _project(x, linear, training, cd):
 def attention_inputs(h, query, key, value, heads, training, shared, cd):
     """Region 1 of a layer: q, k, v [T, heads, head size] from h [T, hidden].
 
-    The three frozen projections are one matmul over their concatenated weights. LoRA: with
-    `shared`, one dropout mask of h feeds all three LoRA A matrices (one matmul), else each LoRA
-    drops its own copy of h (peft's way).
+    The three frozen projections are one matmul over their concatenated weights, and q, k, v are
+    views of its [T, 3 * hidden] output (flash attention reads them strided, no copies). LoRA: with
+    `shared`, one dropout mask of h feeds all three LoRA A matrices (one matmul), and one matmul
+    with the block-diagonal of the B matrices, each times its scale, adds all three LoRA terms (and
+    the biases) to the frozen matmul's output; else each LoRA drops its own copy of h (peft's way).
     """
     linears = (query, key, value)
+    sizes = [lin[0].shape[0] for lin in linears]
     weight = torch.cat([lin[0] for lin in linears]).to(cd)
     bias = None
-    if all(lin[1] is not None for lin in linears):
-        bias = torch.cat([lin[1] for lin in linears]).to(cd)
+    if any(lin[1] is not None for lin in linears):
+        bias = torch.cat([lin[0].new_zeros(size) if lin[1] is None else lin[1]
+                          for lin, size in zip(linears, sizes)]).to(cd)
     h = h.to(cd)
-    outs = list(F.linear(h, weight, bias).split([lin[0].shape[0] for lin in linears], dim=-1))
     with_lora = [j for j, lin in enumerate(linears) if lin[2]]
     ps = {lora[4] for j in with_lora for lora in linears[j][2]}
     single = all(len(linears[j][2]) == 1 for j in with_lora)
     if shared and with_lora and len(ps) == 1 and single:
         p = ps.pop()
         dropped = F.dropout(h, p, training) if p else h
-        loras = [linears[j][2][0] for j in with_lora]
-        low = F.linear(dropped, torch.cat([lora[0] for lora in loras]).to(cd))
-        start = 0
-        for j, (a, b, b_bias, scale, _) in zip(with_lora, loras):
-            rank = a.shape[0]
-            term = F.linear(low[:, start:start + rank], b.to(cd), None if b_bias is None else b_bias.to(cd))
-            outs[j] = outs[j] + term * scale
-            start += rank
+        loras = [lin[2][0] if lin[2] else None for lin in linears]
+        low = F.linear(dropped, torch.cat([lora[0] for lora in loras if lora is not None]).to(cd))
+        up = torch.block_diag(*[lin[0].new_zeros(size, 0) if lora is None else lora[1] * lora[3]
+                                for lin, lora, size in zip(linears, loras, sizes)]).to(cd)
+        if any(lora is not None and lora[2] is not None for lora in loras):
+            lora_bias = torch.cat([lin[0].new_zeros(size) if lora is None or lora[2] is None else lora[2] * lora[3]
+                                   for lin, lora, size in zip(linears, loras, sizes)]).to(cd)
+            bias = lora_bias if bias is None else bias + lora_bias
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            qkv = F.linear(h, weight, bias) + F.linear(low, up)
+        else:  # the usual case: frozen projections
+            qkv = _FrozenPlusLowRank.apply(h, low, weight, up, bias)
+        outs = qkv.split(sizes, dim=-1)
     else:
+        outs = list(F.linear(h, weight, bias).split(sizes, dim=-1))
         for j in with_lora:
             for lora in linears[j][2]:
                 outs[j] = outs[j] + _lora(h, lora, training, cd)
     tokens = h.shape[0]
-    return tuple(out.reshape(tokens, heads, -1).contiguous() for out in outs)
+    return tuple(out.reshape(tokens, heads, -1) for out in outs)
+
+
+class _FrozenPlusLowRank(torch.autograd.Function):
+    """h @ weight^T + low @ up^T + bias with `weight` and `bias` frozen, as ONE matmul: [h | low]
+    times [weight | up]^T (the inner dimension padded with zeros to a multiple of 8, as the GPU's
+    matmul kernels want). Backward: one matmul gives the gradients of h and low together, one
+    more that of `up`; none for the frozen weight (autograd over the concatenated weight would
+    compute a full-size weight gradient and throw most of it away)."""
+
+    @staticmethod
+    def forward(ctx, h, low, weight, up, bias):
+        pad = -(h.shape[1] + low.shape[1]) % 8
+        joint = torch.cat([weight, up, up.new_zeros(up.shape[0], pad)], dim=1)
+        ctx.save_for_backward(low, joint)
+        ctx.split = (h.shape[1], low.shape[1])
+        return F.linear(torch.cat([h, low, low.new_zeros(low.shape[0], pad)], dim=1), joint, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        low, joint = ctx.saved_tensors
+        hidden, ranks = ctx.split
+        grad_in = grad @ joint
+        return grad_in[:, :hidden], grad_in[:, hidden:hidden + ranks], None, grad.t() @ low, None
 
 
 def attention_output_and_ffn(ctx, h, out_linear, norm1, inter_linear, ffn_linear, norm2, hidden_p,
@@ -391,6 +427,15 @@ def _embeddings(bert, x, positions, options, cd):
                   options.residual_dtype(cd))
 
 
+def embed_patches(encoder, flat, options):
+    """flat [N, P] patches -> [N, hidden]: encoder.embed_patches, or the Triton gather-sum (the same
+    sums) when options.patch_kernel and it can run and the embedding is frozen."""
+    linear = encoder.patch_embedding
+    if options.patch_kernel and kernels.available(flat.device) and not linear.weight.requires_grad:
+        return kernels.patch_embedding(flat, linear.weight.t().contiguous(), linear.bias, encoder.patch_classes)
+    return encoder.embed_patches(flat.unsqueeze(0)).squeeze(0)
+
+
 def music_hidden(encoder, patches, patch_mask, options, packed=None):
     """Last hidden state [B, L, hidden] (fp32, zeros at padding) of a SymbolicEncoder, packed
     (`packed`: the mask's (index, cu) from `packing`, on the device; None computes them)."""
@@ -400,7 +445,7 @@ def music_hidden(encoder, patches, patch_mask, options, packed=None):
     tokens = Tokens.of(patch_mask, packed)
     flat = patches.reshape(-1, patches.shape[-1]).index_select(0, tokens.index)
     with torch.autocast(device_type, enabled=False):
-        x = encoder.embed_patches(flat.unsqueeze(0)).squeeze(0)
+        x = embed_patches(encoder, flat, options)
         h = _embeddings(bert, x, tokens.column, options, cd)
         h = encode(bert, h, tokens, options, cd)
         return tokens.pad(h.float())
@@ -438,7 +483,7 @@ def store_frozen_weights(model, dtype):
 __all__ = ["FastPaths", "Tokens", "packing", "attend", "padded_attention", "varlen_available", "layer_forward",
            "COMPILE_MODES",
            "attention_inputs", "attention_output_and_ffn", "embeddings_out", "check_encoder",
-           "compute_dtype", "encode", "music_hidden", "text_hidden", "store_frozen_weights",
+           "compute_dtype", "encode", "embed_patches", "music_hidden", "text_hidden", "store_frozen_weights",
            "ATTENTION_MODES", "settings_from_config"]
 
 
@@ -446,4 +491,4 @@ def settings_from_config(cfg):
     """The keyword arguments of Clamp3.prepare_for_training from a TrainConfig's speed fields."""
     return dict(fast_encoder=cfg.fast_encoder, compile=cfg.compile_layers, bf16_weights=cfg.bf16_weights,
                 shared_lora_dropout=cfg.shared_lora_dropout, fp32_residual=cfg.fp32_residual,
-                cuda_graphs=cfg.cuda_graphs)
+                patch_kernel=cfg.patch_kernel, cuda_graphs=cfg.cuda_graphs)

@@ -25,7 +25,7 @@ graph draws fresh masks at every replay (the generator's offset advances per rep
 import torch
 import torch.nn.functional as F
 
-from .fast import Tokens, _embeddings, _encoder_parts, compute_dtype, encode
+from .fast import Tokens, _embeddings, _encoder_parts, compute_dtype, embed_patches, encode
 
 STEPS_PER_DOUBLING = 8
 
@@ -104,7 +104,7 @@ def music_flat(model, flat, positions, cu, slot_index, row, counts, cd, proj_dty
     if weights:
         parts = _substitute(parts, {id(p): t for p, t in weights.items()})
     with torch.autocast(flat.device.type, enabled=False):
-        x = encoder.embed_patches(flat.unsqueeze(0)).squeeze(0)
+        x = embed_patches(encoder, flat, model.fast)
         h = _embeddings(bert, x, positions, model.fast, cd)
         h = encode(bert, h, tokens, model.fast, cd, parts)
         return _pool_and_project(h, row, counts, model.symbolic_proj, proj_dtype)

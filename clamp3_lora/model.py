@@ -31,6 +31,7 @@ from safetensors.torch import save_file as save_safetensors
 from torch import nn
 from transformers import BertConfig, BertModel, XLMRobertaConfig, XLMRobertaModel
 
+from . import kernels
 from .errors import CheckpointError, Clamp3LoraError
 from .fast import (ATTENTION_MODES, COMPILE_MODES, FastPaths, check_encoder, music_hidden, store_frozen_weights,
                    text_hidden)
@@ -301,7 +302,8 @@ class Clamp3(nn.Module):
     # --- fast paths -------------------------------------------------------------------------
 
     def prepare_for_training(self, precision="bf16", fast_encoder=True, compile=True, bf16_weights=True,
-                             shared_lora_dropout=True, fp32_residual=True, attention="auto", cuda_graphs=True):
+                             shared_lora_dropout=True, fp32_residual=False, attention="auto", cuda_graphs=True,
+                             patch_kernel=True):
         """Switch on the fast paths of the training step (call after add_adapter/load_adapter, on the
         model's final device, before DistributedDataParallel wraps it and before the first step).
 
@@ -314,7 +316,9 @@ class Clamp3(nn.Module):
             per-step casts, half the memory); LoRA weights stay fp32. Run the model inside
             step.autocast(device, "bf16") afterwards, as the trainer does.
         shared_lora_dropout: one LoRA dropout mask per layer input for query/key/value.
-        fp32_residual: keep the fast encoder's residual stream in fp32 (else the compute dtype).
+        fp32_residual: keep the fast encoder's residual stream in fp32 (default: the compute dtype).
+        patch_kernel: the fast encoder sums the patch embedding with a Triton kernel where Triton
+            can run (CUDA), instead of embedding_bag (clamp3_lora/kernels.py).
         attention: "auto", "varlen" or "padded" (see fast.FastPaths).
         cuda_graphs: CUDA with the fast encoder only: training passes (model.train(), packed batches
             from the collate function) replay CUDA graphs captured per batch shape
@@ -332,7 +336,8 @@ class Clamp3(nn.Module):
             check_encoder(self.symbolic_model.bert, "symbolic encoder")
             check_encoder(self.text_model, "text encoder")
             self.fast = FastPaths(compile=mode if cuda else "none", shared_lora_dropout=bool(shared_lora_dropout),
-                                  attention=attention, fp32_residual=bool(fp32_residual))
+                                  attention=attention, fp32_residual=bool(fp32_residual),
+                                  patch_kernel=bool(patch_kernel))
         else:
             self.fast = None
         self.graphs = EncoderGraphs(self) if cuda_graphs and cuda and self.fast is not None else None
@@ -343,6 +348,8 @@ class Clamp3(nn.Module):
                 "bf16_weights": stored_bf16,
                 "shared_lora_dropout": bool(self.fast and self.fast.shared_lora_dropout),
                 "fp32_residual": bool(self.fast and self.fast.fp32_residual),
+                "patch_kernel": bool(self.fast and self.fast.patch_kernel and kernels.available(
+                    next(self.parameters()).device)),
                 "attention": self.fast.attention if self.fast else "transformers",
                 "cuda_graphs": self.graphs is not None}
 

@@ -119,6 +119,27 @@ def test_fp32_fast_path_equals_plain_path_in_training_mode_without_dropout():
     assert_close(step_outputs(model, batch), plain, FP32_TOL)
 
 
+def test_fused_lora_with_a_subset_of_targets_lora_bias_and_odd_scale_equals_plain_path():
+    """The shared path folds every LoRA term (its scale and a LoRA bias too) into one block-diagonal
+    matmul; projections without LoRA get zero blocks."""
+    from peft import LoraConfig
+    torch.manual_seed(4)
+    model = load_model(None, preset="tiny", text_model=None)
+    model._wrap(LoraConfig(r=3, lora_alpha=5, lora_dropout=0.2, target_modules=["query", "value"],
+                           lora_bias=True, task_type="FEATURE_EXTRACTION"), trainable=True)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape) * 0.05)
+    model.train()
+    no_dropout(model)
+    batch = make_batch(seed=6, lengths=(12, 5, 1), text_lengths=(3, 8, 2))
+    plain = step_outputs(model, batch)
+    assert any("lora_B" in name and name.endswith("bias") for name in plain[3])
+    model.prepare_for_training("fp32", shared_lora_dropout=True)
+    assert_close(step_outputs(model, batch), plain, FP32_TOL)
+
+
 def test_padding_is_invisible_to_the_fast_path():
     model = tiny_model().eval()
     model.prepare_for_training("fp32")
@@ -235,8 +256,8 @@ def test_prepare_for_training_on_cpu_and_off_switch():
     model = tiny_model()
     state = model.prepare_for_training("bf16")
     assert state == {"fast_encoder": True, "compile": "none", "bf16_weights": False,
-                     "shared_lora_dropout": True, "fp32_residual": True, "attention": "auto",
-                     "cuda_graphs": False}
+                     "shared_lora_dropout": True, "fp32_residual": False, "patch_kernel": False,
+                     "attention": "auto", "cuda_graphs": False}
     assert model.prepare_for_training("bf16", fast_encoder=False)["fast_encoder"] is False
     assert model.fast is None
     with pytest.raises(Clamp3LoraError, match="attention mode"):

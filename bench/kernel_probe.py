@@ -1,0 +1,171 @@
+"""Candidate kernels of the training step, timed alone at the batch-128 full-length shape (GPU only).
+
+Not the trainer: each block times one piece of the encoder layer in isolation, forward and
+backward, to decide which levers are worth building into clamp3_lora/fast.py:
+
+- attention: flash attention's variable-length kernel (the current path), the same on q/k/v that
+  are strided views of one [T, 3 * hidden] projection (no copies), and SDPA over dense
+  [B, heads, S, head size] rows with each backend (flash, cuDNN, memory-efficient);
+- patch embedding: embedding_bag against a compiled gather-sum, and their agreement;
+- feed-forward (Linear, GELU, Linear; gradient of the input only, as in LoRA training): torch.compile
+  by default against max-autotune (GEMM templates with the GELU fused in).
+
+    python3 bench/kernel_probe.py --out $OUT
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+def bench(fn, warmup=3, reps=10):
+    """Median ms of fn() over reps, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
+
+
+def attention(batch, length, heads, size, results):
+    device = "cuda"
+    tokens = batch * length
+    hidden = heads * size
+    cu = torch.arange(0, tokens + 1, length, device=device, dtype=torch.int32)
+    qkv = torch.randn(tokens, 3 * hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(tokens, heads, size, device=device, dtype=torch.bfloat16)
+    scale = size ** -0.5
+
+    def parts(copy):
+        q, k, v = (t.view(tokens, heads, size) for t in qkv.split(hidden, dim=1))
+        return tuple(t.contiguous() for t in (q, k, v)) if copy else (q, k, v)
+
+    def varlen(copy):
+        def run(p):
+            return torch.ops.aten._flash_attention_forward(*parts(copy), cu, cu, length, length, p, False, False,
+                                                           scale=scale)[0]
+        return run
+
+    def dense(backend):
+        def run(p):
+            q, k, v = (t.view(batch, length, heads, size).transpose(1, 2) for t in parts(False))
+            with sdpa_kernel(backend):
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=scale)
+            return out.transpose(1, 2).reshape(tokens, heads, size)
+        return run
+
+    def with_grad(run, p):
+        qkv.grad = None
+        out = run(p)
+        out.backward(grad)
+        return out.detach(), qkv.grad.clone()
+
+    variants = {"varlen_flash_contiguous": varlen(True), "varlen_flash_strided": varlen(False),
+                "dense_flash": dense(SDPBackend.FLASH_ATTENTION), "dense_cudnn": dense(SDPBackend.CUDNN_ATTENTION),
+                "dense_efficient": dense(SDPBackend.EFFICIENT_ATTENTION)}
+    ref = with_grad(variants["varlen_flash_contiguous"], 0.0)
+    rows = {}
+    for name, run in variants.items():
+        row = {}
+        try:
+            out, grads = with_grad(run, 0.0)
+            row["out_err"], row["grad_err"] = rel(out, ref[0]), rel(grads, ref[1])
+            for p in (0.1, 0.0):
+                row[f"ms_fwd_bwd_p{p}"] = bench(lambda: run(p).backward(grad))
+        except Exception as error:  # noqa: BLE001 -- a backend that cannot run is a result too
+            row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+        rows[name] = row
+        print(f"  attention {name:26s} {row}", flush=True)
+    results["attention"] = rows
+
+
+def patch_embedding(tokens, size, classes, hidden, results):
+    device = "cuda"
+    table = torch.randn(size * classes, hidden, device=device).to(torch.bfloat16)
+    chars = torch.randint(0, classes, (tokens, size), device=device)
+    ids = chars + torch.arange(size, device=device) * classes
+    ref = table.float()[ids].sum(1)
+
+    def bag():
+        return F.embedding_bag(ids, table, mode="sum")
+
+    def gather_sum(ids, table):
+        return table[ids].float().sum(1).to(table.dtype)
+
+    compiled = torch.compile(gather_sum, fullgraph=True)
+    rows = {"embedding_bag": {"ms": bench(bag), "err": rel(bag(), ref)},
+            "compiled_gather_sum": {"ms": bench(lambda: compiled(ids, table)), "err": rel(compiled(ids, table), ref)}}
+    for name, row in rows.items():
+        print(f"  patch embedding {name:22s} {row}", flush=True)
+    results["patch_embedding"] = rows
+
+
+def feed_forward(tokens, hidden, inner, results, modes):
+    device = "cuda"
+    x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+    w1 = torch.randn(inner, hidden, device=device, dtype=torch.bfloat16) * hidden ** -0.5
+    b1 = torch.randn(inner, device=device, dtype=torch.bfloat16) * 0.1
+    w2 = torch.randn(hidden, inner, device=device, dtype=torch.bfloat16) * inner ** -0.5
+    b2 = torch.randn(hidden, device=device, dtype=torch.bfloat16) * 0.1
+    grad = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
+
+    def ffn(x, w1, b1, w2, b2):
+        return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+
+    x.grad = None
+    ffn(x, w1, b1, w2, b2).backward(grad)
+    ref = x.grad.clone()
+    rows = {}
+    for mode in modes:
+        row = {}
+        torch._dynamo.reset()
+        fn = torch.compile(ffn, mode=None if mode == "default" else mode)
+        try:
+            started = time.time()
+            x.grad = None
+            fn(x, w1, b1, w2, b2).backward(grad)
+            row["compile_s"] = time.time() - started
+            row["grad_err"] = rel(x.grad, ref)
+            row["ms_fwd_bwd"] = bench(lambda: fn(x, w1, b1, w2, b2).backward(grad))
+        except Exception as error:  # noqa: BLE001
+            row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+        rows[mode] = row
+        print(f"  feed-forward {mode:30s} {row}", flush=True)
+    results["feed_forward"] = rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--modes", default="default,max-autotune-no-cudagraphs")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    results = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "batch": args.batch}
+    print(f"== {results['card']} torch {results['torch']}", flush=True)
+    tokens = args.batch * 512
+    attention(args.batch, 512, 12, 64, results)
+    patch_embedding(tokens, 64, 128, 768, results)
+    feed_forward(tokens, 768, 3072, results, args.modes.split(","))
+    with open(os.path.join(args.out, "kernel_probe.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
