@@ -118,6 +118,10 @@ class TrainConfig:
     patch_kernel: bool = True
     """Sum the patch embedding (64 table rows per patch) with a Triton kernel on CUDA instead of
     embedding_bag (the same sums; clamp3_lora/kernels.py)."""
+    text_ahead: bool = True
+    """While the host waits for a step's loss and gradient norm, queue the next batch's copy and
+    frozen text pass on the GPU (one-batch steps without a GradScaler), so the GPU is not idle while
+    the host decides on and launches the update. The same numbers either way."""
     cuda_graphs: bool = True
     """Replay the training step's encoder passes as CUDA graphs, captured once per batch shape (token
     counts rounded up to 8 sizes per doubling; CUDA with the fast encoder only): removes the kernel

@@ -51,7 +51,9 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from clamp3_lora.data import Collator, MusicTextDataset, add_packing, make_loader, scan_data_file  # noqa: E402
 from clamp3_lora.model import Clamp3, _skip_weight_init, clip_loss, load_model, masked_mean  # noqa: E402
-from clamp3_lora.step import autocast, forward_loss, packed_of, to_device, unwrap  # noqa: E402
+from clamp3_lora.step import (autocast, contrastive_loss, forward_loss, local_features, packed_of,  # noqa: E402
+                               to_device, unwrap)
+from clamp3_lora.step import text_ahead as step_text_ahead  # noqa: E402
 from clamp3_lora.train import clip_and_read, make_optimizer  # noqa: E402
 
 GIB = 1024 ** 3
@@ -77,7 +79,16 @@ VARIANTS = {  # in the order the levers section times them
     "fast_fp32w": dict(bf16_weights=False),
     "fast_no_graphs": dict(cuda_graphs=False),
     "fast_no_patch_kernel": dict(patch_kernel=False),
+    "fast_no_text_ahead": dict(text_ahead=False),
 }
+STEP_LEVERS = ("text_ahead",)  # levers of the step (real_step's arguments), not of prepare_for_training
+
+
+def model_levers(variant):
+    """The variant's keyword arguments of Clamp3.prepare_for_training (its step levers left out)."""
+    return {k: v for k, v in VARIANTS[variant].items() if k not in STEP_LEVERS}
+
+
 DESCRIPTIONS = {
     "naive": "naive trainer: one-hot via CPU fp32, pad 512, fp16+GradScaler, eager attention",
     "fast": "project default: packed tokens + varlen flash, each layer compiled, bf16 weights, shared LoRA dropout "
@@ -92,6 +103,7 @@ DESCRIPTIONS = {
     "fast_padded_attn": "default with SDPA over padded rows instead of varlen flash",
     "fast_fp32w": "default with frozen weights kept fp32 (cast per step)",
     "fast_no_patch_kernel": "default with embedding_bag instead of the Triton patch-embedding kernel",
+    "fast_no_text_ahead": "default without queueing the next batch's text pass before the loss read",
 }
 
 
@@ -172,7 +184,7 @@ def build(config, state, device, variant=None, precision="bf16"):
     model.load_state_dict(state)
     model = model.to(device)
     if variant is not None:
-        model.prepare_for_training(precision, **VARIANTS[variant])
+        model.prepare_for_training(precision, **model_levers(variant))
     return model
 
 
@@ -188,12 +200,15 @@ def set_eager_attention(model):
 # Steps
 
 
-def real_step(model, device, precision="bf16", max_grad_norm=1.0, gather=None):
+def real_step(model, device, precision="bf16", max_grad_norm=1.0, gather=None, text_ahead=True):
     """The trainer's step: to_device, autocast + forward_loss, (scaled) backward, clip, AdamW step,
     zero_grad (clamp3_lora/train.py's loop without its bookkeeping; symbolic encoder in training
     mode, text encoder in eval mode, as the trainer sets them). As the trainer does for a one-batch
     step without a GradScaler, loss and gradient norm are read together after the backward pass
-    (train.clip_and_read: one host sync per step); with fp16 the GradScaler path reads them apart.
+    (train.clip_and_read: one host sync per step), and with `text_ahead` (the trainer's
+    --text-ahead) the next batch's copy and frozen text pass are queued behind that read
+    (step.text_ahead); with fp16 the GradScaler path reads them apart. step(batch, following)
+    takes the batch after this one as the trainer's loop sees it.
     Under torchrun (bench/ddp_step.py) `model` is the DistributedDataParallel wrapper and `gather`
     distributed.gather_with_grad, as in the trainer; by default one process, no gather."""
     inner = unwrap(model)
@@ -203,15 +218,27 @@ def real_step(model, device, precision="bf16", max_grad_norm=1.0, gather=None):
     model.train()
     inner.text_model.eval()  # as the trainer does: the frozen text side runs without dropout
 
-    def step(cpu_batch):
-        batch = to_device(cpu_batch, device)
+    ahead = {}  # id of a cpu batch -> (device batch, text features), made during the previous read
+
+    def step(cpu_batch, following=None):
+        batch, text = ahead.pop(id(cpu_batch), (None, None))
+        ahead.clear()
+        if batch is None:
+            batch = to_device(cpu_batch, device)
         with autocast(device, precision):
-            loss, _, _ = forward_loss(model, batch, gather=gather)
+            music, text = local_features(model, batch, text)
+            loss = contrastive_loss(music, text, gather)
         if scaler.is_enabled():
             value = loss.item()
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+        elif text_ahead and following is not None:
+            loss.backward()
+            (value, norm), made = clip_and_read(loss, params, max_grad_norm,
+                                                lambda: step_text_ahead(model, following, device, precision))
+            if made is not None:
+                ahead[id(following)] = made
         else:
             loss.backward()
             value, norm = clip_and_read(loss, params, max_grad_norm)
@@ -232,7 +259,7 @@ def naive_step(model, device, length):
     scaler = torch.amp.GradScaler(device.type, enabled=cuda)
     model.train()
 
-    def step(cpu_batch):
+    def step(cpu_batch, following=None):
         patches = F.pad(cpu_batch["patches"], (0, 0, 0, length - cpu_batch["patches"].shape[1])).to(device)
         mask = F.pad(cpu_batch["patch_mask"], (0, length - cpu_batch["patch_mask"].shape[1])).to(device)
         text_ids, text_mask = cpu_batch["text_ids"].to(device), cpu_batch["text_mask"].to(device)
@@ -260,8 +287,11 @@ def time_steps(step, batches, device, warmup, blocks, steps):
     """(median ms/step, all block ms/step, (peak allocated, peak reserved) GiB after warm-up) over
     cycling `batches`. The
     warm-up sees every batch at least once (CUDA graphs are captured at a shape's first step)."""
+    def nth(i):
+        return batches[i % len(batches)], batches[(i + 1) % len(batches)]
+
     for i in range(max(warmup, len(batches))):
-        step(batches[i % len(batches)])
+        step(*nth(i))
     sync(device)
     free(device)
     reset_peak(device)
@@ -271,7 +301,7 @@ def time_steps(step, batches, device, warmup, blocks, steps):
         sync(device)
         start = time.perf_counter()
         for _ in range(steps):
-            step(batches[i % len(batches)])
+            step(*nth(i))
             i += 1
         sync(device)
         times.append((time.perf_counter() - start) * 1000 / steps)
@@ -512,9 +542,12 @@ def run_checks(config, state, device, spec, variants):
         for name in variants:
             # The default is checked as timed (compiled); the other levers with their regions run
             # eagerly (the compiled code is the same functions; this saves a compile per variant).
+            if VARIANTS[name] and not model_levers(name) and "fast" in results:
+                results[name] = dict(results["fast"], same_model_as="fast")  # a lever of the step alone
+                continue
             try:
                 model = build(config, state, device)
-                model.prepare_for_training("bf16", **{**VARIANTS[name], **({} if name == "fast" else {"compile": False})})
+                model.prepare_for_training("bf16", **{**model_levers(name), **({} if name == "fast" else {"compile": False})})
                 results[name] = compare(outputs(model, batch, device, "bf16"), ref)
             except Exception as error:  # noqa: BLE001 -- recorded, printed, and the variant is not timed
                 results[name] = failure(name, error)
@@ -567,11 +600,11 @@ def count_flops(config, state, device, spec):
 def gpu_busy(step, batches, device, steps=3):
     """GPU kernel time per step (ms) and the top kernels, from torch.profiler over `steps` steps."""
     from torch.profiler import ProfilerActivity, profile
-    step(batches[0])
+    step(batches[0], batches[1 % len(batches)])
     sync(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for i in range(steps):
-            step(batches[i % len(batches)])
+        for i in range(1, steps + 1):
+            step(batches[i % len(batches)], batches[(i + 1) % len(batches)])
         sync(device)
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.self_device_time_total for e in events) / steps / 1000
@@ -758,7 +791,7 @@ def main(argv=None):
         model = None
         try:
             model = build(config, state, device, name)
-            step = real_step(model, device)
+            step = real_step(model, device, text_ahead=VARIANTS[name].get("text_ahead", True))
             row = measure(name, lambda: step, batches, device, spec, gflop, ceiling)
             if profile and device.type == "cuda":
                 busy, top, host = gpu_busy(step, batches, device)
@@ -836,7 +869,7 @@ def main(argv=None):
                 lever_rows.append(row)
                 results.put("levers", lever_rows)
         big = spec["batches"][-1]
-        for name in ("fast_fp32_residual", "fast_no_patch_kernel", "fast_regions", "plain",
+        for name in ("fast_no_text_ahead", "fast_fp32_residual", "fast_no_patch_kernel", "fast_regions", "plain",
                      "fast_no_graphs"):  # the GPU-bound regime
             if name not in chosen:
                 continue

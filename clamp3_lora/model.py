@@ -263,6 +263,11 @@ class Clamp3(nn.Module):
 
     # --- features ---------------------------------------------------------------------------
 
+    @property
+    def text_frozen(self):
+        """Whether the text side (XLM-R and text_proj) has no trainable parameter (the usual case)."""
+        return not any(p.requires_grad for module in (self.text_model, self.text_proj) for p in module.parameters())
+
     def text_features(self, input_ids, attention_mask, packed=None):
         """Global text features [B, projection]: XLM-R last hidden state, masked mean, text_proj.
 
@@ -270,8 +275,7 @@ class Clamp3(nn.Module):
         `packed`: (index, cu) of attention_mask from fast.packing, on the device (the collated
         batch's text_index/text_cu), so the fast path needs no host sync; ignored by the plain path.
         """
-        frozen = not any(p.requires_grad for p in self.text_model.parameters()) and not any(
-            p.requires_grad for p in self.text_proj.parameters())
+        frozen = self.text_frozen
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             if self.graphs is not None and self.training and frozen and packed is not None:
                 return self.graphs.text(input_ids, attention_mask, packed)

@@ -64,7 +64,8 @@ from .fast import settings_from_config
 from .logs import StageLogger, gpu_memory
 from .metrics import METRIC_NAMES, better, retrieval_metrics
 from .model import base_checkpoint_identity, clip_loss, load_model
-from .step import autocast, contrastive_loss, local_features, read_scalars, to_device
+from .step import (autocast, contrastive_loss, is_oom, local_features, read_scalars, read_scalars_during, text_ahead,
+                   to_device)
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_STEPS = 0, 1, 3
 FAULTS_ENV = "CLAMP3_LORA_FAULTS"
@@ -359,21 +360,34 @@ def run_stage(cfg, stage, number, total, plan, dist, signals, faults, console, a
             window_records, window_losses, window_grads = [], [], 0
             bar = tqdm(total=batches, initial=first, desc=f"[{stage.name}] Epoch {epoch + 1} Training",
                        disable=not dist.is_main, dynamic_ncols=True, leave=True)
-            for index, batch in zip(range(first, batches), train_loader):
+            ahead = None  # (index, device batch, text features) of the next batch, made during a read
+            for (index, batch), following in with_next(zip(range(first, batches), train_loader)):
                 step = progress.micro_step
                 faults.before_batch(step, dist.rank, signals)
                 window_start = index - index % cfg.grad_accum
                 window = min(cfg.grad_accum, batches - window_start)
                 size = train_sampler.global_batch_size(index)
-                batch = to_device(batch, device)
+                text = None
+                if ahead is not None and ahead[0] == index:
+                    batch, text = ahead[1], ahead[2]
+                else:
+                    batch = to_device(batch, device)
+                ahead = None
                 # A one-batch step without a GradScaler reads loss and gradient norm in ONE host sync
-                # after the backward pass (clip_and_read); the guards decide exactly as before.
+                # after the backward pass (clip_and_read); the guards decide exactly as before. While
+                # the host waits for that read, the GPU already runs the next batch's frozen text pass.
                 fused = window == 1 and not scaler.is_enabled()
+
+                def next_text(following=following):
+                    if following is None or not cfg.text_ahead:
+                        return None
+                    made = text_ahead(train_model, following[1], device, cfg.precision)
+                    return None if made is None else (following[0], *made)
 
                 skip, loss_value, norm_value = None, None, None
                 try:                                        # forward on this rank's samples
                     with autocast(device, cfg.precision):
-                        music, text = local_features(train_model, batch)
+                        music, text = local_features(train_model, batch, text)
                         faults.raise_oom(step, dist.rank)
                 except RuntimeError as error:
                     if not is_oom(error):
@@ -404,7 +418,7 @@ def run_stage(cfg, stage, number, total, plan, dist, signals, faults, console, a
                         skip = "oom"                         # a half-done backward: drop the window
                     faults.poison_gradient(step, dist.rank, params)
                     if fused and skip is None:               # the loss guard, after the backward pass
-                        loss_value, norm_value = clip_and_read(loss, params, cfg.max_grad_norm)
+                        (loss_value, norm_value), ahead = clip_and_read(loss, params, cfg.max_grad_norm, next_text)
                         if distributed.all_reduce_flag(not math.isfinite(loss_value)):
                             skip, loss_value, norm_value = "nonfinite_loss", None, None
                             optimizer.zero_grad(set_to_none=True)
@@ -574,11 +588,26 @@ def make_optimizer(params, lr, weight_decay, device):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
 
 
-def clip_and_read(loss, params, max_grad_norm):
+def clip_and_read(loss, params, max_grad_norm, meanwhile=None):
     """(loss, gradient norm) as floats, with one host sync: the gradients are clipped (to
-    max_grad_norm, none when 0) on the device first. For one-batch steps without a GradScaler."""
+    max_grad_norm, none when 0) on the device first. For one-batch steps without a GradScaler.
+    With `meanwhile`, returns ((loss, norm), meanwhile()), meanwhile's GPU work queued behind the
+    read, so that it runs while the host waits (step.read_scalars_during)."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)
-    return read_scalars(loss, norm)
+    if meanwhile is None:
+        return read_scalars(loss, norm)
+    return read_scalars_during(meanwhile, loss, norm)
+
+
+def with_next(items):
+    """Pairs (item, the item after it, or None for the last) of an iterable, one item read ahead."""
+    items = iter(items)
+    end = object()
+    item = next(items, end)
+    while item is not end:
+        following = next(items, end)
+        yield item, (None if following is end else following)
+        item = following
 
 
 def evaluate(model, loader, sampler, cfg, dist, signals, desc):
@@ -780,11 +809,6 @@ def lr_factor(step, warmup_steps, total_steps, schedule):
         return 1.0
     done = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
-
-
-def is_oom(error):
-    """Whether a RuntimeError is an out-of-memory error."""
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error)
 
 
 def release_memory(device):

@@ -102,3 +102,15 @@ def test_checkpoint_contents(killed):
     assert state["optimizer"]["state"] and state["scheduler"]["last_epoch"] == 6
     assert state["config"]["lora_r"] == 4 and state["identity"]["lora_r"] == 4
     assert len(state["lora"]) == 12
+
+
+def test_the_text_pass_queued_ahead_changes_nothing(killed, tmp_path):
+    """--no-text-ahead (each batch's text pass in its own step) ends exactly where the default
+    (the next batch's text pass queued during the loss read) ends."""
+    workspace, reference, _ = killed
+    output = tmp_path / "output"
+    result = run_trainer(trainer_args(workspace, output) + ["--no-text-ahead"])
+    assert result.returncode == 0, explain(result)
+    assert max_difference(adapter_weights(output), adapter_weights(reference)) == 0
+    steps, expected = read_steps(output), read_steps(reference)
+    assert [(s["step"], s["loss"], s["lr"]) for s in steps] == [(s["step"], s["loss"], s["lr"]) for s in expected]

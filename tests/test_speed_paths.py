@@ -2,7 +2,10 @@
 
 - Packing metadata from the CPU mask (collate -> data.add_packing -> fast.packing) equals what the
   fast path computes from the mask itself, and the features are the same with and without it.
-- step.read_scalars reads several values in one copy, exactly.
+- step.read_scalars reads several values in one copy, exactly; read_scalars_during does too and
+  runs its work; step.text_ahead gives the batch's own text features (None where it must not run),
+  and train.with_next pairs each item with the next (the trainer's end-to-end check, default
+  against --no-text-ahead, is in test_resume.py).
 - patches.patch_array (numpy) equals the per-segment reference rows; patchify is pinned by the
   golden file in test_patches.py.
 - The dataset's patch cache gives the same samples as the uncached path (a reference written here
@@ -24,7 +27,8 @@ from clamp3_lora.data import (Collator, MusicTextDataset, PatchCache, encode_tex
 from clamp3_lora.model import load_model
 from clamp3_lora.mtf import read_music
 from clamp3_lora.patches import _patch_rows, _segment_to_patch, patch_array, patchify, remove_instrument_info
-from clamp3_lora.step import packed_of, read_scalars
+from clamp3_lora.step import packed_of, read_scalars, read_scalars_during, text_ahead, text_features
+from clamp3_lora.train import with_next
 from trainer_fixtures import word_tokenizer
 
 
@@ -132,6 +136,46 @@ def test_read_scalars_is_exact():
     norm = torch.tensor([float("inf")]).sum()
     values = read_scalars(loss, norm, torch.tensor(float("nan")))
     assert values[0] == loss.item() and values[1] == float("inf") and values[2] != values[2]
+
+
+def test_read_scalars_during_reads_exactly_and_runs_the_work():
+    calls = []
+    values, result = read_scalars_during(lambda: calls.append(1) or "made", torch.tensor(0.1), torch.tensor(2.0))
+    assert values == [torch.tensor(0.1).item(), 2.0] and result == "made" and calls == [1]
+
+
+def test_with_next_pairs_each_item_with_the_next():
+    assert list(with_next("abc")) == [("a", "b"), ("b", "c"), ("c", None)]
+    assert list(with_next([])) == []
+
+
+def test_text_ahead_gives_the_batch_own_text_features(monkeypatch):
+    torch.manual_seed(0)
+    model = load_model(None, preset="tiny", text_model=None)
+    model.add_adapter()
+    model.prepare_for_training("fp32")
+    model.train()
+    model.text_model.eval()
+    gen = torch.Generator().manual_seed(4)
+    items = [{"patches": torch.randint(0, 128, (n, 64), generator=gen),
+              "text_ids": torch.randint(3, 900, (t,), generator=gen), "index": i}
+             for i, (n, t) in enumerate(zip((3, 8), (6, 2)))]
+    batch = Collator(1)(items)
+    device_batch, text = text_ahead(model, batch, torch.device("cpu"), "fp32")
+    assert device_batch.keys() == batch.keys() and not text.requires_grad
+    assert torch.equal(text, text_features(model, batch))
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(model), "text_features", out_of_memory)
+        assert text_ahead(model, batch, torch.device("cpu"), "fp32") is None  # its own step meets the error
+        patch.setattr(type(model), "text_features", lambda *a, **k: 1 / 0)
+        with pytest.raises(ZeroDivisionError):  # any other error is raised
+            text_ahead(model, batch, torch.device("cpu"), "fp32")
+    model.text_proj.weight.requires_grad_(True)  # a trainable text side: its pass must follow the update
+    assert text_ahead(model, batch, torch.device("cpu"), "fp32") is None
 
 
 # --------------------------------------------------------------------------------------------
