@@ -29,7 +29,7 @@ def build_parser(description):
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
-        help_text = docs.get(field.name, "")
+        help_text = docs.get(field.name, "").replace("%", "%%")  # argparse formats help with %
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"{help_text} (default: {field.default})")
