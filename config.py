@@ -118,6 +118,10 @@ class TrainConfig:
     patch_kernel: bool = True
     """Sum the patch embedding (64 table rows per patch) with a Triton kernel on CUDA instead of
     embedding_bag (the same sums; clamp3_lora/kernels.py)."""
+    dense_attention: bool = True
+    """Batches whose pieces all fill their rows (e.g. long MTF windows of 512 patches) run cuDNN's
+    dense attention on Hopper GPUs instead of flash attention's variable-length kernel (the same
+    function, faster; BENCHMARKS.md). Batches of mixed lengths always run the variable-length kernel."""
     text_ahead: bool = True
     """While the host waits for a step's loss and gradient norm, queue the next batch's copy and
     frozen text pass on the GPU (one-batch steps without a GradScaler), so the GPU is not idle while

@@ -8,9 +8,11 @@ backward, to decide which levers are worth building into clamp3_lora/fast.py:
   [B, heads, S, head size] rows with each backend (flash, cuDNN, memory-efficient);
 - patch embedding: embedding_bag against a compiled gather-sum, and their agreement;
 - feed-forward (Linear, GELU, Linear; gradient of the input only, as in LoRA training): torch.compile
-  by default against max-autotune (GEMM templates with the GELU fused in).
+  by default against max-autotune (GEMM templates with the GELU fused in);
+- dropout + residual + LayerNorm, compiled: the random numbers drawn in the kernel, no dropout, a
+  mask drawn before; and aten's own mask draws (what drawing random numbers costs).
 
-    python3 bench/kernel_probe.py --out $OUT
+    python3 bench/kernel_probe.py --out $OUT [--parts attention,dropout_layer_norm]
 """
 import argparse
 import json
@@ -91,6 +93,18 @@ def attention(batch, length, heads, size, results):
             row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
         rows[name] = row
         print(f"  attention {name:26s} {row}", flush=True)
+    # Dropout inside the kernels: one draw and the mean of 32 draws against the output without
+    # dropout (the same spread for both kernels = the same keep rate and scaling).
+    stats = {}
+    for name in ("varlen_flash_strided", "dense_cudnn"):
+        if "error" in rows[name]:
+            continue
+        with torch.no_grad():
+            exact = variants[name](0.0)
+            draws = [variants[name](0.1).float() for _ in range(32)]
+        stats[name] = {"one_draw": rel(draws[0], exact), "mean_of_32": rel(sum(draws) / 32, exact)}
+    rows["dropout_spread"] = stats
+    print(f"  attention dropout spread {stats}", flush=True)
     results["attention"] = rows
 
 
@@ -149,20 +163,63 @@ def feed_forward(tokens, hidden, inner, results, modes):
     results["feed_forward"] = rows
 
 
+def dropout_layer_norm(tokens, hidden, results):
+    """The post-LN block (dropout, residual, LayerNorm; forward and backward), compiled: with
+    dropout drawn inside the kernel, without dropout, and with a mask drawn before (aten's RNG).
+    The difference tells what drawing the random numbers costs inside inductor's kernels."""
+    device = "cuda"
+    a = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+    h = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+    w, b = torch.ones(hidden, device=device), torch.zeros(hidden, device=device)
+    grad = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
+
+    def drawn(a, h, p):
+        return F.layer_norm(F.dropout(a, p, True).float() + h.float(), (hidden,), w, b).to(torch.bfloat16)
+
+    def masked(a, h, keep):
+        return F.layer_norm((a * keep / 0.9).float() + h.float(), (hidden,), w, b).to(torch.bfloat16)
+
+    compiled_drawn, compiled_masked = torch.compile(drawn), torch.compile(masked)
+    keep = torch.rand(tokens, hidden, device=device) >= 0.1
+    rows = {
+        "drawn_in_kernel_p0.1": bench(lambda: compiled_drawn(a, h, 0.1).backward(grad)),
+        "no_dropout": bench(lambda: compiled_drawn(a, h, 0.0).backward(grad)),
+        "mask_given": bench(lambda: compiled_masked(a, h, keep).backward(grad)),
+        "aten_mask_draw": bench(lambda: torch.rand(tokens, hidden, device=device) >= 0.1),
+        "aten_bernoulli_bool": bench(lambda: torch.empty(tokens, hidden, device=device, dtype=torch.bool).bernoulli_(0.9)),
+        "aten_dropout_bf16": bench(lambda: torch.ops.aten.native_dropout(a.detach(), 0.1, True)),
+    }
+    try:
+        from torch._inductor.codegen.triton import TritonOverrides
+        rows["inductor_rand4x"] = hasattr(TritonOverrides, "_can_use_4x_random")
+    except ImportError:
+        rows["inductor_rand4x"] = None
+    print(f"  dropout + LayerNorm {rows}", flush=True)
+    results["dropout_layer_norm"] = rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--modes", default="default,max-autotune-no-cudagraphs")
+    parser.add_argument("--parts", default="attention,patch_embedding,feed_forward,dropout_layer_norm",
+                        help="comma-separated probes to run")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     results = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d %H:%M:%S"), "batch": args.batch}
     print(f"== {results['card']} torch {results['torch']}", flush=True)
     tokens = args.batch * 512
-    attention(args.batch, 512, 12, 64, results)
-    patch_embedding(tokens, 64, 128, 768, results)
-    feed_forward(tokens, 768, 3072, results, args.modes.split(","))
+    parts = args.parts.split(",")
+    if "attention" in parts:
+        attention(args.batch, 512, 12, 64, results)
+    if "patch_embedding" in parts:
+        patch_embedding(tokens, 64, 128, 768, results)
+    if "feed_forward" in parts:
+        feed_forward(tokens, 768, 3072, results, args.modes.split(","))
+    if "dropout_layer_norm" in parts:
+        dropout_layer_norm(tokens, 768, results)
     with open(os.path.join(args.out, "kernel_probe.json"), "w") as f:
         json.dump(results, f, indent=1)
 

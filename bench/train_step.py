@@ -80,6 +80,7 @@ VARIANTS = {  # in the order the levers section times them
     "fast_no_graphs": dict(cuda_graphs=False),
     "fast_no_patch_kernel": dict(patch_kernel=False),
     "fast_no_text_ahead": dict(text_ahead=False),
+    "fast_varlen_attn": dict(dense_attention=False),
 }
 STEP_LEVERS = ("text_ahead",)  # levers of the step (real_step's arguments), not of prepare_for_training
 
@@ -91,7 +92,7 @@ def model_levers(variant):
 
 DESCRIPTIONS = {
     "naive": "naive trainer: one-hot via CPU fp32, pad 512, fp16+GradScaler, eager attention",
-    "fast": "project default: packed tokens + varlen flash, each layer compiled, bf16 weights, shared LoRA dropout "
+    "fast": "project default: packed tokens + varlen flash (cuDNN dense attention for full rows), each layer compiled, bf16 weights, shared LoRA dropout "
             "fused into the q/k/v matmul, bf16 residual, Triton patch embedding, CUDA graphs",
     "fast_no_graphs": "default without CUDA graphs (eager launches of the compiled layers)",
     "fast_regions": "default, but compiling the two regions around attention (attention outside)",
@@ -104,6 +105,7 @@ DESCRIPTIONS = {
     "fast_fp32w": "default with frozen weights kept fp32 (cast per step)",
     "fast_no_patch_kernel": "default with embedding_bag instead of the Triton patch-embedding kernel",
     "fast_no_text_ahead": "default without queueing the next batch's text pass before the loss read",
+    "fast_varlen_attn": "default with varlen flash attention for full rows too (no cuDNN dense attention)",
 }
 
 
@@ -539,6 +541,28 @@ def run_checks(config, state, device, spec, variants):
             except Exception as error:  # noqa: BLE001
                 results["graph_dropout"] = failure("graph_dropout", error)
             free(device)
+        # A batch whose rows are all full: the default runs dense (cuDNN) attention there.
+        full = to_device(mixed_batch([spec["length"]] * len(lengths), [spec["text_tokens"]] * len(lengths),
+                                     seed=12, vocab=config.text_vocab_size), device)
+        model = build(config, state, device)
+        full_ref = outputs(model, full, device, "fp32")
+        results["plain_bf16_autocast_full_rows"] = compare(outputs(model, full, device, "bf16"), full_ref)
+        model = None
+        free(device)
+        for name in ("fast", "fast_no_graphs", "fast_varlen_attn"):
+            try:
+                model = build(config, state, device, name)
+                results[f"{name}_train_mode_full_rows"] = compare(train_outputs(model, full, device, "bf16"), full_ref)
+            except Exception as error:  # noqa: BLE001 -- recorded, printed, and the variant is not timed
+                results[f"{name}_train_mode_full_rows"] = failure(name, error)
+            model = None
+            free(device)
+        if cuda:
+            try:
+                results["graph_dropout_full_rows"] = graph_dropout_check(config, state, device, full)
+            except Exception as error:  # noqa: BLE001
+                results["graph_dropout_full_rows"] = failure("graph_dropout_full_rows", error)
+            free(device)
         for name in variants:
             # The default is checked as timed (compiled); the other levers with their regions run
             # eagerly (the compiled code is the same functions; this saves a compile per variant).
@@ -556,9 +580,10 @@ def run_checks(config, state, device, spec, variants):
     finally:
         if cuda:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-    plain_grads = results["plain_bf16_autocast"]["grads"]
     for name, errors in results.items():
-        if name == "graph_dropout" and "error" not in errors:
+        # LoRA gradients in bf16: bounded by the plain bf16 autocast path's own error on the same batch
+        plain_grads = results["plain_bf16_autocast" + ("_full_rows" if name.endswith("_full_rows") else "")]["grads"]
+        if name.startswith("graph_dropout") and "error" not in errors:
             continue
         if "error" in errors:
             errors["pass"] = False
@@ -763,7 +788,7 @@ def main(argv=None):
         log("== checks against the plain fp32 path (rel. error; bf16 paths <= 1e-2, fp32 paths <= 1e-5)")
         checks = run_checks(config, state, device, spec, list(VARIANTS))
         for name, e in checks.items():
-            if name == "graph_dropout" and "error" not in e:
+            if name.startswith("graph_dropout") and "error" not in e:
                 log(f"  {name:24s} {e['captures']} capture(s); two replays differ by {e['replays_differ']:.2e}, "
                     f"a replay after restoring the random state by {e['restored_state_repeats']:.2e} "
                     f"{'ok' if e['pass'] else 'FAILED'}")
@@ -773,7 +798,8 @@ def main(argv=None):
                 f"{'ok' if e['pass'] else 'FAILED'}")
         results.put("checks", checks)
         passed = {name for name in VARIANTS if checks[name]["pass"]}
-        graph_checks = [checks[k]["pass"] for k in ("fast_train_mode", "graph_dropout") if k in checks]
+        graph_checks = [checks[k]["pass"] for k in ("fast_train_mode", "graph_dropout", "fast_train_mode_full_rows",
+                                                    "graph_dropout_full_rows") if k in checks]
         if not all(graph_checks):
             passed.discard("fast")  # the default path with CUDA graphs failed a check: not timed
         if not checks.get("fast_no_graphs_train_mode", {}).get("pass", True):
@@ -869,8 +895,8 @@ def main(argv=None):
                 lever_rows.append(row)
                 results.put("levers", lever_rows)
         big = spec["batches"][-1]
-        for name in ("fast_no_text_ahead", "fast_fp32_residual", "fast_no_patch_kernel", "fast_regions", "plain",
-                     "fast_no_graphs"):  # the GPU-bound regime
+        for name in ("fast_varlen_attn", "fast_no_text_ahead", "fast_fp32_residual", "fast_no_patch_kernel",
+                     "fast_regions", "plain", "fast_no_graphs"):  # the GPU-bound regime
             if name not in chosen:
                 continue
             if not time_left("levers", 45):

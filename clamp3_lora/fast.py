@@ -60,6 +60,10 @@ class FastPaths:
     patch_kernel: bool = True
     """Sum the patch embedding's rows with the Triton kernel of clamp3_lora/kernels.py where it can
     run (CUDA with Triton) instead of embedding_bag."""
+    dense_attention: bool = True
+    """Batches whose rows are all full (T = B x L real tokens): attention as cuDNN's dense attention
+    over [B, heads, L, head size] views of the packed tokens where it can run (`dense_available`),
+    instead of flash attention's variable-length kernel (the same function; faster backward)."""
 
     def residual_dtype(self, cd):
         return torch.float32 if self.fp32_residual else cd
@@ -87,6 +91,8 @@ class Tokens:
     cu: torch.Tensor         # [B + 1] int32 cumulative token counts (sample b is cu[b]:cu[b+1])
     batch: int
     width: int               # padded row width L (an upper bound of every sample's length)
+    dense_length: int = 0    # L' when the first T / L' samples have exactly L' tokens each and fill
+    #                          index in row-major order (the tokens view as [T / L', L']), else 0
 
     @classmethod
     def of(cls, mask, packed=None):
@@ -98,19 +104,26 @@ class Tokens:
         """
         batch, width = mask.shape
         index, cu = packing(mask) if packed is None else packed
-        return cls(index=index, column=index % width, cu=cu, batch=batch, width=width)
+        full = index.shape[0] == batch * width  # every row full (a host-side shape: no sync)
+        return cls(index=index, column=index % width, cu=cu, batch=batch, width=width,
+                   dense_length=width if full else 0)
 
     def pad(self, x):
         """[T, ...] -> [B, L, ...] with zeros at the padding."""
         out = x.new_zeros((self.batch * self.width,) + tuple(x.shape[1:])).index_copy(0, self.index, x)
         return out.view((self.batch, self.width) + tuple(x.shape[1:]))
 
-    def attention_layout(self, varlen):
-        """What attention needs, as tensors (compiled code sees every size as a tensor dimension):
-        varlen: (cu, an empty [L] tensor whose length bounds every sample); padded: also the slot
-        of each token in a [B, L] layout and the [B, 1, 1, L] key mask."""
+    def attention_layout(self, kind):
+        """What attention of `kind` needs, as tensors (compiled code sees every size as a tensor
+        dimension): "varlen": (cu, an empty [L] tensor whose length bounds every sample, None, None);
+        "dense": (None, an empty [dense_length] tensor, None, None); "padded": also the slot of each
+        token in a [B, L] layout and the [B, 1, 1, L] key mask."""
+        if kind == "dense":
+            if not self.dense_length:
+                raise ValueError("dense attention needs a batch whose rows are all full")
+            return (None, torch.empty(self.dense_length, device=self.cu.device, dtype=torch.int8), None, None)
         bound = torch.empty(self.width, device=self.cu.device, dtype=torch.int8)
-        if varlen:
+        if kind == "varlen":
             return (self.cu, bound, None, None)
         row = self.index // self.width
         rank = torch.arange(row.shape[0], device=row.device) - self.cu.long()[row]  # place in its sample
@@ -129,14 +142,54 @@ def varlen_available(device, dtype, head_size):
             and head_size <= 256 and torch.cuda.get_device_capability(device)[0] >= 8)
 
 
+def dense_available(device, dtype, head_size):
+    """Whether cuDNN's attention runs for dense rows here: CUDA Hopper (sm90, where it was measured
+    faster than flash attention, BENCHMARKS.md) with cuDNN 9, bf16/fp16, head size a multiple of 8
+    up to 128."""
+    return (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and head_size % 8 == 0
+            and head_size <= 128 and torch.cuda.get_device_capability(device)[0] == 9
+            and torch.backends.cudnn.is_available() and torch.backends.cudnn.version() >= 90000
+            and torch.backends.cuda.cudnn_sdp_enabled())
+
+
+def attention_kind(options, tokens, device, dtype, head_size):
+    """The attention of a batch: "dense" (rows all full, cuDNN), "varlen" (flash attention over
+    packed tokens) or "padded" (SDPA over padded rows), as options.attention allows."""
+    if options.attention == "padded":
+        return "padded"
+    if options.dense_attention and tokens.dense_length and dense_available(device, dtype, head_size):
+        return "dense"
+    if options.attention == "varlen" or varlen_available(device, dtype, head_size):
+        return "varlen"
+    return "padded"
+
+
+def dense_attention(q, k, v, length, dropout_p, scale):
+    """Attention over dense rows: q, k, v [B * length, heads, head size] (any row stride) viewed as
+    [B, heads, length, head size]; cuDNN's attention on CUDA (aten op with its own autograd, dropout
+    inside the kernel), SDPA elsewhere. Returns [B * length, heads, head size]."""
+    heads, size = q.shape[1], q.shape[2]
+    q, k, v = (x.view(-1, length, heads, size).transpose(1, 2) for x in (q, k, v))
+    if q.is_cuda:
+        out = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, q.requires_grad or k.requires_grad or v.requires_grad, dropout_p, False, False,
+            scale=scale)[0]
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    return out.transpose(1, 2).reshape(-1, heads, size)
+
+
 def attend(q, k, v, layout, dropout_p, scale):
     """Attention of each sample over its own tokens; q, k, v [T, heads, head size] -> same shape.
 
-    layout from Tokens.attention_layout: without a slot tensor, flash attention's variable-length
-    kernel over the packed tokens (aten op with its own autograd; dropout inside the kernel);
-    with one, SDPA over rows padded to L with the padding keys masked (CPU, fp32).
+    layout from Tokens.attention_layout: without cu, dense attention over full rows; without a
+    slot tensor, flash attention's variable-length kernel over the packed tokens (aten op with its
+    own autograd; dropout inside the kernel); with one, SDPA over rows padded to L with the
+    padding keys masked (CPU, fp32).
     """
     cu, bound, slot, keys = layout
+    if cu is None:
+        return dense_attention(q, k, v, bound.shape[0], dropout_p, scale)
     if slot is None:
         width = bound.shape[0]
         return torch.ops.aten._flash_attention_forward(
@@ -154,7 +207,7 @@ def attend(q, k, v, layout, dropout_p, scale):
 
 def padded_attention(q, k, v, tokens, dropout_p, scale):
     """SDPA over rows padded to L, padding keys masked (the CPU path; also a GPU alternative)."""
-    return attend(q, k, v, tokens.attention_layout(varlen=False), dropout_p, scale)
+    return attend(q, k, v, tokens.attention_layout("padded"), dropout_p, scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,6 +294,8 @@ class _FrozenPlusLowRank(torch.autograd.Function):
     def backward(ctx, grad):
         low, joint = ctx.saved_tensors
         hidden, ranks = ctx.split
+        if not ctx.needs_input_grad[0]:  # the first layer: its input (the embeddings) is frozen
+            return None, grad @ joint[:, hidden:hidden + ranks], None, grad.t() @ low, None
         grad_in = grad @ joint
         return grad_in[:, :hidden], grad_in[:, hidden:hidden + ranks], None, grad.t() @ low, None
 
@@ -397,9 +452,8 @@ def encode(bert, h, tokens, options, cd, parts=None):
     rd = options.residual_dtype(cd)
     parts = _encoder_parts(bert) if parts is None else parts
     head_size = parts[0][4]
-    varlen = options.attention == "varlen" or (
-        options.attention == "auto" and varlen_available(h.device, cd, head_size))
-    layout = _dynamic_layout(tokens.attention_layout(varlen), compiled)
+    kind = attention_kind(options, tokens, h.device, cd, head_size)
+    layout = _dynamic_layout(tokens.attention_layout(kind), compiled)
     if mode in ("layer", "none"):
         layer = _region("layer_forward", mode == "layer")
         for layer_parts in parts:
@@ -480,7 +534,8 @@ def store_frozen_weights(model, dtype):
     return converted
 
 
-__all__ = ["FastPaths", "Tokens", "packing", "attend", "padded_attention", "varlen_available", "layer_forward",
+__all__ = ["FastPaths", "Tokens", "packing", "attend", "padded_attention", "varlen_available",
+           "dense_available", "dense_attention", "attention_kind", "layer_forward",
            "COMPILE_MODES",
            "attention_inputs", "attention_output_and_ffn", "embeddings_out", "check_encoder",
            "compute_dtype", "encode", "embed_patches", "music_hidden", "text_hidden", "store_frozen_weights",
@@ -491,4 +546,4 @@ def settings_from_config(cfg):
     """The keyword arguments of Clamp3.prepare_for_training from a TrainConfig's speed fields."""
     return dict(fast_encoder=cfg.fast_encoder, compile=cfg.compile_layers, bf16_weights=cfg.bf16_weights,
                 shared_lora_dropout=cfg.shared_lora_dropout, fp32_residual=cfg.fp32_residual,
-                patch_kernel=cfg.patch_kernel, cuda_graphs=cfg.cuda_graphs)
+                patch_kernel=cfg.patch_kernel, dense_attention=cfg.dense_attention, cuda_graphs=cfg.cuda_graphs)

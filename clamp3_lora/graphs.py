@@ -58,8 +58,14 @@ def flat_layout(cu, index, width, size, bound):
     rank = slots - seg_cu[segment]
     column = torch.cat([index % width, rank[total:]])
     tokens = Tokens(index=segment * bound + rank, column=column, cu=seg_cu.to(torch.int32),
-                    batch=seg_cu.shape[0] - 1, width=bound)
+                    batch=seg_cu.shape[0] - 1, width=bound, dense_length=dense_length(total, batch, width, size))
     return tokens, segment.clamp(max=batch)
+
+
+def dense_length(total, batch, width, size):
+    """The row length when a batch of `total` real tokens in `batch` rows of `width` has every row
+    full and fills all `size` slots (no dummy tokens), so its tokens view as [batch, width]; else 0."""
+    return width if total == batch * width == size else 0
 
 
 def _pool_and_project(h, row, counts, proj, proj_dtype):
@@ -92,14 +98,15 @@ def music_inputs(model, patches, patch_mask, packed, size):
     return flat, tokens.column, tokens.cu, tokens.index, row, counts
 
 
-def music_flat(model, flat, positions, cu, slot_index, row, counts, cd, proj_dtype, weights=None):
+def music_flat(model, flat, positions, cu, slot_index, row, counts, cd, proj_dtype, weights=None, dense=0):
     """Music features [B, projection] from music_inputs(...): the fast path over the fixed-shape layout
     (the same function as Clamp3.music_features with the fast encoder). `weights` {parameter: tensor}
-    replaces layer parameters by other tensors (the graphs use views of the LoRA weights)."""
+    replaces layer parameters by other tensors (the graphs use views of the LoRA weights); `dense`:
+    the batch's dense_length (rows all full, no dummy tokens; see flat_layout), else 0."""
     encoder = model.symbolic_model
     bert = encoder.bert
     tokens = Tokens(index=slot_index, column=positions, cu=cu, batch=cu.shape[0] - 1,
-                    width=model.config.symbolic_max_positions)
+                    width=model.config.symbolic_max_positions, dense_length=dense)
     parts = _encoder_parts(bert)
     if weights:
         parts = _substitute(parts, {id(p): t for p, t in weights.items()})
@@ -140,10 +147,12 @@ def text_inputs(model, input_ids, attention_mask, packed, size):
     return ids, positions, tokens.cu, tokens.index, row, counts
 
 
-def text_flat(model, ids, positions, cu, slot_index, row, counts, cd, proj_dtype):
-    """Text features [B, projection] from text_inputs(...) (as Clamp3.text_features, frozen text side)."""
+def text_flat(model, ids, positions, cu, slot_index, row, counts, cd, proj_dtype, dense=0):
+    """Text features [B, projection] from text_inputs(...) (as Clamp3.text_features, frozen text side;
+    `dense` as in music_flat)."""
     text = model.text_model
-    tokens = Tokens(index=slot_index, column=positions, cu=cu, batch=cu.shape[0] - 1, width=text_bound(model))
+    tokens = Tokens(index=slot_index, column=positions, cu=cu, batch=cu.shape[0] - 1, width=text_bound(model),
+                    dense_length=dense)
     with torch.autocast(ids.device.type, enabled=False):
         x = text.embeddings.word_embeddings.weight.index_select(0, ids)
         h = _embeddings(text, x, positions, model.fast, cd)
@@ -218,10 +227,11 @@ class EncoderGraphs:
         cd = compute_dtype("cuda", model.symbolic_model.bert.encoder.layer[0].intermediate.dense.weight)
         pd = projection_dtype("cuda", model.symbolic_proj.weight)
         size = bucket_size(packed[0].shape[0])
+        dense = dense_length(packed[0].shape[0], *patch_mask.shape, size)
         inputs = music_inputs(model, patches, patch_mask, packed, size)
         params = self._params()
-        captured = self._graph(("music", patch_mask.shape[0], size, cd, pd), inputs, params,
-                               lambda *args, weights: music_flat(model, *args, cd, pd, weights))
+        captured = self._graph(("music", patch_mask.shape[0], size, dense, cd, pd), inputs, params,
+                               lambda *args, weights: music_flat(model, *args, cd, pd, weights, dense))
         return _Replay.apply(captured, *params)
 
     def text(self, input_ids, attention_mask, packed):
@@ -230,9 +240,10 @@ class EncoderGraphs:
         cd = compute_dtype("cuda", model.text_model.encoder.layer[0].intermediate.dense.weight)
         pd = projection_dtype("cuda", model.text_proj.weight)
         size = bucket_size(packed[0].shape[0])
+        dense = dense_length(packed[0].shape[0], *attention_mask.shape, size)
         inputs = text_inputs(model, input_ids, attention_mask, packed, size)
-        captured = self._graph(("text", attention_mask.shape[0], size, cd, pd), inputs, None,
-                               lambda *args: text_flat(model, *args, cd, pd))
+        captured = self._graph(("text", attention_mask.shape[0], size, dense, cd, pd), inputs, None,
+                               lambda *args: text_flat(model, *args, cd, pd, dense))
         captured.forward.replay()
         return captured.output.clone()
 
@@ -294,5 +305,5 @@ class EncoderGraphs:
         return fn(*inputs, weights=views), list(views.values())
 
 
-__all__ = ["bucket_size", "flat_layout", "music_inputs", "music_flat", "text_inputs", "text_flat",
+__all__ = ["bucket_size", "flat_layout", "dense_length", "music_inputs", "music_flat", "text_inputs", "text_flat",
            "projection_dtype", "EncoderGraphs", "STEPS_PER_DOUBLING"]

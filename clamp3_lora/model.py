@@ -307,7 +307,7 @@ class Clamp3(nn.Module):
 
     def prepare_for_training(self, precision="bf16", fast_encoder=True, compile=True, bf16_weights=True,
                              shared_lora_dropout=True, fp32_residual=False, attention="auto", cuda_graphs=True,
-                             patch_kernel=True):
+                             patch_kernel=True, dense_attention=True):
         """Switch on the fast paths of the training step (call after add_adapter/load_adapter, on the
         model's final device, before DistributedDataParallel wraps it and before the first step).
 
@@ -324,6 +324,8 @@ class Clamp3(nn.Module):
         patch_kernel: the fast encoder sums the patch embedding with a Triton kernel where Triton
             can run (CUDA), instead of embedding_bag (clamp3_lora/kernels.py).
         attention: "auto", "varlen" or "padded" (see fast.FastPaths).
+        dense_attention: batches whose rows are all full run cuDNN's dense attention where it can
+            run (Hopper GPUs), instead of varlen flash attention (fast.dense_available).
         cuda_graphs: CUDA with the fast encoder only: training passes (model.train(), packed batches
             from the collate function) replay CUDA graphs captured per batch shape
             (clamp3_lora/graphs.py); evaluation runs eagerly.
@@ -341,7 +343,13 @@ class Clamp3(nn.Module):
             check_encoder(self.text_model, "text encoder")
             self.fast = FastPaths(compile=mode if cuda else "none", shared_lora_dropout=bool(shared_lora_dropout),
                                   attention=attention, fp32_residual=bool(fp32_residual),
-                                  patch_kernel=bool(patch_kernel))
+                                  patch_kernel=bool(patch_kernel), dense_attention=bool(dense_attention))
+            if self.fast.compile != "none":
+                # One compiled layer serves every layer, yet it is specialised on a few things (music
+                # or text, the first layer or not, dense or varlen attention, training or evaluation):
+                # allow more variants than dynamo's default before it falls back to eager code.
+                limit = max(getattr(torch._dynamo.config, "recompile_limit", 8), 64)
+                torch._dynamo.config.recompile_limit = limit
         else:
             self.fast = None
         self.graphs = EncoderGraphs(self) if cuda_graphs and cuda and self.fast is not None else None
@@ -355,6 +363,7 @@ class Clamp3(nn.Module):
                 "patch_kernel": bool(self.fast and self.fast.patch_kernel and kernels.available(
                     next(self.parameters()).device)),
                 "attention": self.fast.attention if self.fast else "transformers",
+                "dense_attention": bool(self.fast and self.fast.dense_attention and cuda),
                 "cuda_graphs": self.graphs is not None}
 
     # --- adapters ---------------------------------------------------------------------------

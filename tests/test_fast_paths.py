@@ -158,7 +158,7 @@ def test_padded_attention_equals_per_sample_attention():
     mask = (torch.arange(8)[None] < torch.tensor(lengths)[:, None]).long()
     tokens = fast.Tokens.of(mask)
     q, k, v = (torch.randn(sum(lengths), 2, 16, generator=gen) for _ in range(3))
-    out = fast.attend(q, k, v, tokens.attention_layout(varlen=False), 0.0, 0.25)
+    out = fast.attend(q, k, v, tokens.attention_layout("padded"), 0.0, 0.25)
     start = 0
     for n in lengths:
         part = slice(start, start + n)
@@ -166,6 +166,76 @@ def test_padded_attention_equals_per_sample_attention():
         ref = torch.einsum("hqk,khd->qhd", ref, v[part])
         assert rel(out[part], ref) <= FP32_TOL
         start += n
+
+
+def test_dense_attention_over_strided_views_equals_padded_attention():
+    """Full rows: the dense path views the packed tokens as [B, heads, L, size] (q, k, v strided
+    views of one q/k/v matmul output, as the fast path passes them) and gives what per-sample
+    attention gives, gradients included; a batch with a short row has no dense layout."""
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.ones(3, 6, dtype=torch.long)
+    tokens = fast.Tokens.of(mask)
+    assert tokens.dense_length == 6
+    qkv = torch.randn(18, 3 * 32, generator=gen, requires_grad=True)
+    grad = torch.randn(18, 2, 16, generator=gen)
+    outs = {}
+    for kind in ("dense", "padded"):
+        q, k, v = (x.view(18, 2, 16) for x in qkv.split(32, dim=1))
+        out = fast.attend(q, k, v, tokens.attention_layout(kind), 0.0, 0.25)
+        qkv.grad = None
+        out.backward(grad)
+        outs[kind] = (out.detach(), qkv.grad.clone())
+    assert rel(outs["dense"][0], outs["padded"][0]) <= FP32_TOL
+    assert rel(outs["dense"][1], outs["padded"][1]) <= FP32_TOL
+    mask[1, 5] = 0
+    short = fast.Tokens.of(mask)
+    assert short.dense_length == 0
+    with pytest.raises(ValueError):
+        short.attention_layout("dense")
+
+
+def test_dense_attention_is_chosen_for_full_rows_only_and_computes_the_same(monkeypatch):
+    """attention_kind picks dense attention for full batches where it can run (made to run here on
+    the CPU, through SDPA), varlen/padded otherwise; the features, loss and LoRA gradients of a full
+    batch are those of the plain path, and dense_attention=False keeps it off."""
+    model = tiny_model().train()
+    no_dropout(model)
+    full = make_batch(seed=8, lengths=(9, 9, 9), text_lengths=(5, 5, 5))
+    plain = step_outputs(model, full)
+    model.prepare_for_training("fp32")
+    kinds = []
+    real_kind = fast.attention_kind
+    monkeypatch.setattr(fast, "dense_available", lambda device, dtype, head_size: True)
+    monkeypatch.setattr(fast, "attention_kind", lambda *a: kinds.append(real_kind(*a)) or kinds[-1])
+    assert_close(step_outputs(model, full), plain, FP32_TOL)
+    assert kinds == ["dense", "dense"]  # music and text
+    kinds.clear()
+    step_outputs(model, make_batch(seed=8, lengths=(9, 4, 9), text_lengths=(5, 5, 5)))
+    assert kinds == ["padded", "dense"]  # varlen needs CUDA; the texts are still full
+    kinds.clear()
+    model.prepare_for_training("fp32", dense_attention=False)
+    step_outputs(model, full)
+    assert kinds == ["padded", "padded"]
+
+
+def test_the_first_layers_frozen_input_gets_no_gradient_and_the_lora_ones_are_unchanged():
+    """_FrozenPlusLowRank skips the input gradient when its input needs none (the first layer)."""
+    gen = torch.Generator().manual_seed(2)
+    h = torch.randn(10, 16, generator=gen)
+    low = torch.randn(10, 3, generator=gen, requires_grad=True)
+    weight, bias = torch.randn(24, 16, generator=gen), torch.randn(24, generator=gen)
+    up = torch.randn(24, 3, generator=gen, requires_grad=True)
+    grad = torch.randn(10, 24, generator=gen)
+    ref = h @ weight.t() + low @ up.t() + bias
+    ref_grads = torch.autograd.grad(ref, (low, up), grad)
+    for needs in (False, True):
+        x = h.clone().requires_grad_(needs)
+        out = fast._FrozenPlusLowRank.apply(x, low, weight, up, bias)
+        assert rel(out, ref) <= FP32_TOL
+        got = torch.autograd.grad(out, (low, up) + ((x,) if needs else ()), grad)
+        assert all(rel(a, b) <= FP32_TOL for a, b in zip(got, ref_grads))
+        if needs:
+            assert rel(got[2], grad @ weight) <= FP32_TOL
 
 
 def test_bf16_paths_match_fp32():
@@ -257,7 +327,7 @@ def test_prepare_for_training_on_cpu_and_off_switch():
     state = model.prepare_for_training("bf16")
     assert state == {"fast_encoder": True, "compile": "none", "bf16_weights": False,
                      "shared_lora_dropout": True, "fp32_residual": False, "patch_kernel": False,
-                     "attention": "auto", "cuda_graphs": False}
+                     "attention": "auto", "dense_attention": False, "cuda_graphs": False}
     assert model.prepare_for_training("bf16", fast_encoder=False)["fast_encoder"] is False
     assert model.fast is None
     with pytest.raises(Clamp3LoraError, match="attention mode"):

@@ -5,7 +5,7 @@ masks again after the random state is restored)."""
 import pytest
 import torch
 
-from clamp3_lora import graphs
+from clamp3_lora import fast, graphs
 from clamp3_lora.data import add_packing
 from clamp3_lora.model import clip_loss
 from test_fast_paths import FP32_TOL, make_batch, no_dropout, rel, step_outputs, tiny_model
@@ -40,8 +40,18 @@ def test_flat_layout_keeps_the_real_samples_and_splits_the_dummy_tokens():
     assert (rank == torch.arange(size) - tokens.cu.long()[segment]).all()
 
 
-def flat_outputs(model, batch, size=None):
-    """(music, text, loss, grads) through music_flat/text_flat with `size` slots (default: the bucket)."""
+def test_flat_layout_marks_full_batches_dense_only_without_dummy_tokens():
+    assert graphs.dense_length(24, 3, 8, 24) == 8
+    assert graphs.dense_length(24, 3, 8, 28) == 0   # dummy tokens after the real ones
+    assert graphs.dense_length(23, 3, 8, 23) == 0   # a row not full
+    batch = add_packing(make_batch(lengths=(8, 8, 8)))
+    tokens, _ = graphs.flat_layout(batch["patch_cu"], batch["patch_index"], 8, 24, 8)
+    assert tokens.dense_length == 8
+
+
+def flat_outputs(model, batch, size=None, dense=0):
+    """(music, text, loss, grads) through music_flat/text_flat with `size` slots (default: the bucket);
+    `dense`: the music side's dense_length."""
     model.zero_grad(set_to_none=True)
     music_size = size or graphs.bucket_size(batch["patch_index"].shape[0])
     text_size = size or graphs.bucket_size(batch["text_index"].shape[0])
@@ -50,7 +60,7 @@ def flat_outputs(model, batch, size=None):
                                    (batch["patch_index"], batch["patch_cu"]), music_size)
     text_in = graphs.text_inputs(model, batch["text_ids"], batch["text_mask"],
                                  (batch["text_index"], batch["text_cu"]), text_size)
-    music = graphs.music_flat(model, *music_in, cd, pd)
+    music = graphs.music_flat(model, *music_in, cd, pd, dense=dense)
     with torch.no_grad():
         text = graphs.text_flat(model, *text_in, cd, pd)
     loss = clip_loss(music, text)
@@ -75,6 +85,24 @@ def test_fixed_shape_layout_equals_the_fast_path_in_fp32(extra, hole):
     assert rel(text, reference[1]) <= FP32_TOL
     assert rel(loss, reference[2]) <= FP32_TOL
     assert set(grads) == set(reference[3])
+    assert max(rel(grads[name], reference[3][name]) for name in grads) <= FP32_TOL
+
+
+def test_fixed_shape_layout_of_a_full_batch_with_dense_attention_equals_the_fast_path(monkeypatch):
+    model = tiny_model()
+    no_dropout(model)
+    model.train()
+    model.text_model.eval()
+    batch = add_packing(make_batch(lengths=(16, 16, 16, 16)))
+    model.prepare_for_training("fp32")
+    reference = step_outputs(model, batch)
+    kinds = []
+    real_kind = fast.attention_kind
+    monkeypatch.setattr(fast, "dense_available", lambda device, dtype, head_size: True)
+    monkeypatch.setattr(fast, "attention_kind", lambda *a: kinds.append(real_kind(*a)) or kinds[-1])
+    music, text, loss, grads = flat_outputs(model, batch, size=64, dense=16)
+    assert kinds[0] == "dense"
+    assert rel(music, reference[0]) <= FP32_TOL and rel(loss, reference[2]) <= FP32_TOL
     assert max(rel(grads[name], reference[3][name]) for name in grads) <= FP32_TOL
 
 
