@@ -16,7 +16,10 @@ In ONE process on one device it measures and prints a table, writing everything 
 4. real: the project's training step as the trainer runs it -- clamp3_lora.step.to_device /
    autocast / forward_loss, AdamW over model.trainable_parameters(), backward, clip, step -- on
    the full-size model (random weights) prepared by Clamp3.prepare_for_training; 512 patches,
-   batches 32/64/128: samples/s, ms/step, peak GPU memory, MFU.
+   batches 32/64/128: samples/s, ms/step, peak GPU memory, MFU. Memory: peak allocated, and the
+   peak the allocator reserved (the CUDA graphs keep their activations in a pool of their own).
+   The memory section times batch 32 again in a fresh process (--row): the reserved figure
+   without what earlier sections left in this process's allocator.
 5. demo mix: the same on real training samples of the bundled demo ABC data (patch and text
    lengths from the real data pipeline), batches padded to their longest piece.
 6. levers: each fast path switched off or changed one at a time (batch 32, 512 patches).
@@ -34,6 +37,7 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -503,6 +507,29 @@ def naive_outputs(model, batch, device, length):
     return music.detach().float(), text.detach().float(), loss.detach().float(), grads
 
 
+def training_mode_checks(config, state, device, batch, ref, names, suffix, results):
+    """The trainer's own path (training mode, packed batch) of each variant in `names` against
+    `ref` (results[name + "_train_mode" + suffix]), then on CUDA the graphs' dropout check."""
+    for name in names:
+        key = f"{name}_train_mode{suffix}"
+        model = None
+        try:
+            model = build(config, state, device, name)
+            results[key] = compare(train_outputs(model, batch, device, "bf16"), ref)
+            results[key]["graph_captures"] = model.graphs.captures if model.graphs else 0
+        except Exception as error:  # noqa: BLE001 -- recorded, printed, and the variant is not timed
+            results[key] = failure(name, error)
+        model = None
+        free(device)
+    if device.type == "cuda":
+        key = "graph_dropout" + suffix
+        try:
+            results[key] = graph_dropout_check(config, state, device, batch)
+        except Exception as error:  # noqa: BLE001
+            results[key] = failure(key, error)
+        free(device)
+
+
 def run_checks(config, state, device, spec, variants):
     """Every variant (and the naive path) against the plain fp32 path on a batch of mixed lengths."""
     lengths = spec["check_lengths"]
@@ -526,21 +553,7 @@ def run_checks(config, state, device, spec, variants):
         results["fast_fp32"]["fp32_path"] = True
         del fp32_fast
         free(device)
-        for name in ("fast", "fast_no_graphs"):  # the trainer's own path: training mode, packed batch
-            try:
-                model = build(config, state, device, name)
-                results[f"{name}_train_mode"] = compare(train_outputs(model, batch, device, "bf16"), ref)
-                results[f"{name}_train_mode"]["graph_captures"] = model.graphs.captures if model.graphs else 0
-            except Exception as error:  # noqa: BLE001 -- recorded, printed, and the variant is not timed
-                results[f"{name}_train_mode"] = failure(name, error)
-            model = None
-            free(device)
-        if cuda:
-            try:
-                results["graph_dropout"] = graph_dropout_check(config, state, device, batch)
-            except Exception as error:  # noqa: BLE001
-                results["graph_dropout"] = failure("graph_dropout", error)
-            free(device)
+        training_mode_checks(config, state, device, batch, ref, ("fast", "fast_no_graphs"), "", results)
         # A batch whose rows are all full: the default runs dense (cuDNN) attention there.
         full = to_device(mixed_batch([spec["length"]] * len(lengths), [spec["text_tokens"]] * len(lengths),
                                      seed=12, vocab=config.text_vocab_size), device)
@@ -549,20 +562,8 @@ def run_checks(config, state, device, spec, variants):
         results["plain_bf16_autocast_full_rows"] = compare(outputs(model, full, device, "bf16"), full_ref)
         model = None
         free(device)
-        for name in ("fast", "fast_no_graphs", "fast_varlen_attn"):
-            try:
-                model = build(config, state, device, name)
-                results[f"{name}_train_mode_full_rows"] = compare(train_outputs(model, full, device, "bf16"), full_ref)
-            except Exception as error:  # noqa: BLE001 -- recorded, printed, and the variant is not timed
-                results[f"{name}_train_mode_full_rows"] = failure(name, error)
-            model = None
-            free(device)
-        if cuda:
-            try:
-                results["graph_dropout_full_rows"] = graph_dropout_check(config, state, device, full)
-            except Exception as error:  # noqa: BLE001
-                results["graph_dropout_full_rows"] = failure("graph_dropout_full_rows", error)
-            free(device)
+        training_mode_checks(config, state, device, full, full_ref, ("fast", "fast_no_graphs", "fast_varlen_attn"),
+                             "_full_rows", results)
         for name in variants:
             # The default is checked as timed (compiled); the other levers with their regions run
             # eagerly (the compiled code is the same functions; this saves a compile per variant).
@@ -658,6 +659,27 @@ def measure(name, make_step, batches, device, spec, flops_per_sample, ceiling, b
     return row
 
 
+def fresh_row(row, spec, device):
+    """The --row mode: one variant timed at full length in a process that did nothing before it."""
+    name, size = row.split(":")
+    config, state = base_state(spec["preset"])
+    batches = full_batches(int(size), spec["length"], spec["text_tokens"], device, vocab=config.text_vocab_size)
+    model = build(config, state, device, name)
+    step = real_step(model, device, text_ahead=VARIANTS[name].get("text_ahead", True))
+    return measure(name, lambda: step, batches, device, spec, None, None)
+
+
+def memory_in_fresh_process(args, spec, name):
+    """`name` at the naive baseline's batch size, timed by a child process (--row): its reserved
+    memory without what the sections before it left in this process's allocator."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--row", f"{name}:{spec['naive_batch']}",
+               "--device", args.device] + (["--smoke"] if args.smoke else [])
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def demo_batches(tokenizer, size, count, device, seed=0, vocab=None):
     """Real training samples of the demo ABC data (train + eval files), collated per batch."""
     records = []
@@ -735,15 +757,20 @@ def main(argv=None):
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"), help="folder for results.json")
     parser.add_argument("--smoke", action="store_true", help="tiny model, few steps (CPU or GPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sections", default="ceiling,checks,naive,real,demo,data,levers",
+    parser.add_argument("--sections", default="ceiling,checks,naive,real,memory,demo,data,levers",
                         help="comma-separated subset of the sections to run")
     parser.add_argument("--levers", default=",".join(VARIANTS),
                         help="comma-separated variants the levers section times (default: all)")
     parser.add_argument("--budget-s", type=float, default=500, help="skip later sections after this many seconds")
+    parser.add_argument("--row", metavar="VARIANT:BATCH",
+                        help="only time this variant at full length in this process and print its row as JSON "
+                             "(the memory section runs it in a fresh process)")
     args = parser.parse_args(argv)
     spec = SMOKE if args.smoke else FULL
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers deprecation notes per model
     device = torch.device(args.device)
+    if args.row:
+        return print(json.dumps(fresh_row(args.row, spec, device)))
     sections = set(args.sections.split(","))
     started = time.time()
     results = Results(args.out)
@@ -812,13 +839,14 @@ def main(argv=None):
         if name not in passed:
             log(f"  {name}: not timed (failed its check)")
             return None
+        flops = gflop if batches is None else None  # FLOPs were counted at full length only
         batches = batches or full_batches(size, spec["length"], spec["text_tokens"], device,
                                           vocab=config.text_vocab_size)
         model = None
         try:
             model = build(config, state, device, name)
             step = real_step(model, device, text_ahead=VARIANTS[name].get("text_ahead", True))
-            row = measure(name, lambda: step, batches, device, spec, gflop, ceiling)
+            row = measure(name, lambda: step, batches, device, spec, flops, ceiling)
             if profile and device.type == "cuda":
                 busy, top, host = gpu_busy(step, batches, device)
                 row.update(gpu_busy_ms=busy, top_kernels=top, top_host_ops=host)
@@ -858,6 +886,18 @@ def main(argv=None):
             rows.append(row)
             results.put("full_length", rows)
 
+    if time_left("memory", 60) and "fast" in passed:
+        log(f"== memory: fast, batch {spec['naive_batch']}, in a fresh process (the rows above count what "
+            "earlier sections left reserved in this one)")
+        try:
+            fresh = memory_in_fresh_process(args, spec, "fast")
+            log(f"  fast batch {fresh['batch']}: {fresh['samples_per_s']:.1f} samples/s, peak {fresh['peak_gib']:.2f} "
+                f"GiB allocated, {fresh['reserved_gib']:.2f} GiB reserved")
+            results.put("memory_fresh_process", fresh)
+        except Exception as error:  # noqa: BLE001 -- recorded and printed; the other sections still run
+            failures.append({"variant": "fast (fresh process)", **failure("memory", error)})
+            results.put("failures", failures)
+
     tokenizer = None
     demo_rows = []
     if time_left("demo", 30):
@@ -873,7 +913,6 @@ def main(argv=None):
             for name in (("fast", "plain") if size == spec["lever_batch"] else ("fast",)):
                 row = real(name, size, batches)
                 if row:
-                    row.pop("mfu", None)
                     demo_rows.append(row)
             results.put("demo_mix", {"rows": demo_rows, **stats})
         log(f"  lengths: mean {stats['mean_patches']:.1f} patches (max {stats['max_patches']}), "
@@ -949,6 +988,9 @@ def summary(results, rows, demo_rows, data_rows, lever_rows, spec):
         targets["mfu_batch32"] = fast32.get("mfu")
         targets["peak_gib_batch32"] = fast32["peak_gib"]
         targets["reserved_gib_batch32"] = fast32.get("reserved_gib")
+    fresh = results.data.get("memory_fresh_process")
+    if fresh:
+        targets["reserved_gib_batch32_fresh_process"] = fresh["reserved_gib"]
     if best:
         top = max(best.values(), key=lambda r: r["samples_per_s"])
         targets["best_full_length"] = {k: top[k] for k in ("batch", "samples_per_s", "mfu") if k in top}

@@ -33,8 +33,8 @@ from transformers import BertConfig, BertModel, XLMRobertaConfig, XLMRobertaMode
 
 from . import kernels
 from .errors import CheckpointError, Clamp3LoraError
-from .fast import (ATTENTION_MODES, COMPILE_MODES, FastPaths, check_encoder, music_hidden, store_frozen_weights,
-                   text_hidden)
+from .fast import (ATTENTION_MODES, COMPILE_MODES, FastPaths, check_encoder, dense_available, music_hidden,
+                   store_frozen_weights, text_hidden)
 from .graphs import EncoderGraphs
 
 PATCH_SIZE = 64
@@ -363,8 +363,14 @@ class Clamp3(nn.Module):
                 "patch_kernel": bool(self.fast and self.fast.patch_kernel and kernels.available(
                     next(self.parameters()).device)),
                 "attention": self.fast.attention if self.fast else "transformers",
-                "dense_attention": bool(self.fast and self.fast.dense_attention and cuda),
+                "dense_attention": bool(self.fast and self.fast.dense_attention and self._dense_runs(precision)),
                 "cuda_graphs": self.graphs is not None}
+
+    def _dense_runs(self, precision):
+        """Whether the symbolic encoder's full-row batches can run dense attention here."""
+        bert = self.symbolic_model.bert.config
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        return dense_available(next(self.parameters()).device, dtype, bert.hidden_size // bert.num_attention_heads)
 
     # --- adapters ---------------------------------------------------------------------------
 

@@ -336,6 +336,22 @@ def test_prepare_for_training_on_cpu_and_off_switch():
         model.prepare_for_training("bf16", compile="everything")
 
 
+def test_prepare_for_training_reports_dense_attention_where_it_runs(monkeypatch):
+    from clamp3_lora import model as model_module
+    asked = []
+
+    def available(device, dtype, head_size):
+        asked.append((device.type, dtype, head_size))
+        return True
+    monkeypatch.setattr(model_module, "dense_available", available)
+    model = tiny_model()
+    assert model.prepare_for_training("fp16")["dense_attention"] is True
+    config = model.symbolic_model.bert.config
+    assert asked == [("cpu", torch.float16, config.hidden_size // config.num_attention_heads)]
+    assert model.prepare_for_training("fp16", dense_attention=False)["dense_attention"] is False
+    assert model.prepare_for_training("fp16", fast_encoder=False)["dense_attention"] is False
+
+
 def test_settings_from_config_matches_prepare_for_training():
     import inspect
 
