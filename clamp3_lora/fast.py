@@ -237,7 +237,8 @@ def attention_inputs(h, query, key, value, heads, training, shared, cd):
     views of its [T, 3 * hidden] output (flash attention reads them strided, no copies). LoRA: with
     `shared`, one dropout mask of h feeds all three LoRA A matrices (one matmul), and one matmul
     with the block-diagonal of the B matrices, each times its scale, adds all three LoRA terms (and
-    the biases) to the frozen matmul's output; else each LoRA drops its own copy of h (peft's way).
+    the biases) to the frozen matmul's output (the ranks padded with zeros to a multiple of 8); else
+    each LoRA drops its own copy of h (peft's way).
     """
     linears = (query, key, value)
     sizes = [lin[0].shape[0] for lin in linears]
@@ -254,9 +255,15 @@ def attention_inputs(h, query, key, value, heads, training, shared, cd):
         p = ps.pop()
         dropped = F.dropout(h, p, training) if p else h
         loras = [lin[2][0] if lin[2] else None for lin in linears]
-        low = F.linear(dropped, torch.cat([lora[0] for lora in loras if lora is not None]).to(cd))
+        down = torch.cat([lora[0] for lora in loras if lora is not None])
         up = torch.block_diag(*[lin[0].new_zeros(size, 0) if lora is None else lora[1] * lora[3]
-                                for lin, lora, size in zip(linears, loras, sizes)]).to(cd)
+                                for lin, lora, size in zip(linears, loras, sizes)])
+        pad = -down.shape[0] % 8  # zero ranks up to a multiple of 8: aligned rows for the GPU's matmuls
+        if pad:
+            down = torch.cat([down, down.new_zeros(pad, down.shape[1])])
+            up = torch.cat([up, up.new_zeros(up.shape[0], pad)], dim=1)
+        low = F.linear(dropped, down.to(cd))
+        up = up.to(cd)
         if any(lora is not None and lora[2] is not None for lora in loras):
             lora_bias = torch.cat([lin[0].new_zeros(size) if lora is None or lora[2] is None else lora[2] * lora[3]
                                    for lin, lora, size in zip(linears, loras, sizes)]).to(cd)
