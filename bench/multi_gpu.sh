@@ -5,6 +5,7 @@
 #     DEVICE=cpu bash bench/multi_gpu.sh OUT_DIR      # the same checks on the CPU (gloo, fp32), to try it
 #     bash bench/multi_gpu.sh --help                  # this text
 # Environment: DEVICE (cuda, the default, or cpu), BUDGET_S (seconds for the whole run, default 520),
+# STEPS (the letters of the steps to run, default abcdef; the others are reported as SKIP),
 # EFF_MIN (the scaling efficiency that passes, default 0.8), TRAINER_FLAGS (extra flags for every
 # trainer run, e.g. --no-cuda-graphs), DDP_VARIANT (ddp_step.py's --variant, default fast).
 # Each step writes its log into OUT_DIR (trainer outputs under OUT_DIR/runs), and each check one line
@@ -50,6 +51,7 @@ mkdir -p "$out" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.." || exit 1   # the repository root
 DEVICE=${DEVICE:-cuda}
 BUDGET_S=${BUDGET_S:-520}
+STEPS=${STEPS:-abcdef}
 EFF_MIN=${EFF_MIN:-0.8}
 runs=$out/runs
 summary=$out/summary.txt
@@ -79,8 +81,11 @@ left() { echo $((BUDGET_S - (SECONDS - started))); }
 # limit N RESERVE: a step's timeout: N seconds, or less so that RESERVE seconds stay for the later
 # steps (the sum of their minimum times: a 30 s, b 30 s each, c1 40 s, c2 30 s, d 30 s)
 limit() { local t=$(($(left) - $2)); ((t > $1)) && t=$1; ((t < 1)) && t=1; echo "$t"; }
-# enough N RESERVE NAME: whether the step NAME can start (at least N seconds of its own); else FAIL
+want() { [[ $STEPS == *$1* ]]; }
+# enough N RESERVE NAME: whether the step NAME can start: its letter is in STEPS (else SKIP) and it
+# has at least N seconds of its own (else FAIL)
 enough() {
+    want "${3:0:1}" || { check SKIP "$3" "not in STEPS=$STEPS"; return 1; }
     (($(limit 100000 "$2") >= $1)) && return 0
     check FAIL "$3" "no time: $(left) s of the ${BUDGET_S} s budget left"
     return 1
@@ -175,7 +180,7 @@ print(("PASS" if ok else "FAIL") + f" efficiency {efficiency:.3f} = {two['sample
 EOF
     )
     check "${line%% *}" "a3 scaling 1->2" "${line#* }"
-else
+elif want a; then
     check FAIL "a3 scaling 1->2" "needs both ddp_1.json and ddp_2.json"
 fi
 
@@ -200,7 +205,7 @@ if [ "$rc1" = 0 ] && [ "$rc2" = 0 ]; then
     status=$?
     [ $status = 0 ] && status=PASS || status=FAIL
     check $status "b equality 1 vs 2 proc" "dropout 0, ${eq_epochs} epochs, global batch 16: ${line:-compare failed, see b3_compare.log}"
-else
+elif want b; then
     check FAIL "b equality 1 vs 2 proc" "trainer rc: 1 process $rc1, 2 processes $rc2 (124: timed out); see b1_*, b2_* logs"
 fi
 
@@ -266,14 +271,15 @@ if [ $stopped = yes ] && enough 30 30 "c2 resume"; then
     [ $rc = 0 ] && [ -f "$adapter" ] && [ -f "$runs/c_stop/logs/lora/ABC_finished.json" ] \
         && [[ $from == *ABC_emergency_checkpoint.pth* ]] && status=PASS
     check $status "c2 resume auto" "rc=$rc; ${from:-no 'resumed from' line}; final adapter $([ -f "$adapter" ] && echo written || echo MISSING)"
-elif [ $stopped != yes ]; then
+elif [ $stopped != yes ] && want c; then
     check FAIL "c2 resume auto" "not run: c1 failed"
 fi
 
 # --------------------------------------------------------------------------------------------
 say "d. OOM injected on rank 1 at step 3"
 if enough 30 0 "d oom on rank 1"; then
-    timeout -k 20 "$(limit 120 0)" "${torchrun2[@]}" "${trainer[@]}" --epochs 2 --batch-size 8 \
+    t=$(limit 120 0)
+    timeout -k 20 "$t" "${torchrun2[@]}" "${trainer[@]}" --epochs 2 --batch-size 8 \
         --fault-inject oom@3:1 --output-dir "$runs/d_oom" > "$out/d_oom.log" 2>&1
     rc=$?
     sweep "$runs/d_oom"
@@ -292,7 +298,7 @@ EOF
     warned=$(grep -c "(step 3) skipped: oom" "$out/d_oom.log")
     status=FAIL
     [ $rc = 0 ] && [[ $line == ok* ]] && [ "$warned" = 1 ] && status=PASS
-    check $status "d oom on rank 1" "rc=$rc$([ $rc = 124 ] && echo ' (timed out: hung)'); ${line#* }; warning lines: $warned"
+    check $status "d oom on rank 1" "rc=$rc$([ $rc = 124 ] && echo " (timed out after $t s)"); ${line#* }; warning lines: $warned"
 fi
 
 # --------------------------------------------------------------------------------------------
@@ -312,19 +318,21 @@ ${line:-compare failed, see e_compare.log}"
         check FAIL "e resumed vs whole run" "uninterrupted run rc=$rc; see e_uninterrupted.log"
     fi
 else
-    check SKIP "e resumed vs whole run" "$( [ $stopped = yes ] && echo "no time: $(left) s left" || echo "c failed")"
+    check SKIP "e resumed vs whole run" "$( [ $stopped = yes ] && echo "no time: $(left) s left" || echo "needs c's stopped run")"
 fi
 
 # --------------------------------------------------------------------------------------------
-if [ "$DEVICE" = cpu ]; then
+if ! want f; then
+    check SKIP "f equality fp32" "not in STEPS=$STEPS"
+elif [ "$DEVICE" = cpu ]; then
     check SKIP "f equality fp32" "b already ran in fp32 on the CPU"
 elif [ "$(left)" -ge 80 ]; then
     say "f. b again in fp32"
-    timeout -k 20 "$(limit 60 20)" python3 "${eq[@]}" --precision fp32 --batch-size 16 --output-dir "$runs/f_one" \
+    timeout -k 20 "$(limit 150 20)" python3 "${eq[@]}" --precision fp32 --batch-size 16 --output-dir "$runs/f_one" \
         > "$out/f1_one_process_fp32.log" 2>&1
     rc1=$?
     sweep "$runs/f_one"
-    timeout -k 20 "$(limit 60 0)" "${torchrun2[@]}" "${eq[@]}" --precision fp32 --batch-size 8 \
+    timeout -k 20 "$(limit 150 0)" "${torchrun2[@]}" "${eq[@]}" --precision fp32 --batch-size 8 \
         --output-dir "$runs/f_two" > "$out/f2_two_processes_fp32.log" 2>&1
     rc2=$?
     sweep "$runs/f_two"
