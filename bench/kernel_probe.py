@@ -10,7 +10,9 @@ backward, to decide which levers are worth building into clamp3_lora/fast.py:
 - feed-forward (Linear, GELU, Linear; gradient of the input only, as in LoRA training): torch.compile
   by default against max-autotune (GEMM templates with the GELU fused in);
 - dropout + residual + LayerNorm, compiled: the random numbers drawn in the kernel, no dropout, a
-  mask drawn before; and aten's own mask draws (what drawing random numbers costs).
+  mask drawn before; and aten's own mask draws (what drawing random numbers costs);
+- the same block as two hand-written Triton kernels (forward; backward with a frozen LayerNorm
+  weight), several rows per program, against the compiled block and against the bytes it must move.
 
     python3 bench/kernel_probe.py --out $OUT [--parts attention,dropout_layer_norm]
 """
@@ -198,12 +200,113 @@ def dropout_layer_norm(tokens, hidden, results):
     results["dropout_layer_norm"] = rows
 
 
+def triton_layer_norm(tokens, hidden, results, device="cuda", p=0.1, eps=1e-12, timing=True):
+    """y = LayerNorm(dropout(a) + h) (a, h, y bf16; fp32 math; dropout rounded to bf16 as
+    F.dropout on a bf16 tensor rounds) with a frozen weight and bias, forward and backward as two
+    Triton kernels: the forward saves the keep mask (int8) and each row's mean and 1/std, the
+    backward recomputes the normalised row from a, h and the mask. Checked against autograd through
+    F.layer_norm with the same mask, then timed against torch.compile of the same block."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def forward(a_ptr, h_ptr, w_ptr, b_ptr, y_ptr, keep_ptr, mean_ptr, rstd_ptr, seed_ptr, n_rows, p, scale,
+                eps, N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK)
+        inside = (rows[:, None] < n_rows) & (cols[None, :] < N)
+        offs = rows[:, None] * N + cols[None, :]
+        a = tl.load(a_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        h = tl.load(h_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        keep = tl.rand(tl.load(seed_ptr), offs) >= p
+        x = tl.where(keep, a * scale, 0.0).to(tl.bfloat16).to(tl.float32) + h
+        mean = tl.sum(x, axis=1) / N
+        centred = tl.where(inside, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / N + eps)
+        w = tl.load(w_ptr + cols, mask=cols < N, other=0.0)
+        b = tl.load(b_ptr + cols, mask=cols < N, other=0.0)
+        y = centred * rstd[:, None] * w[None, :] + b[None, :]
+        tl.store(y_ptr + offs, y.to(tl.bfloat16), mask=inside)
+        tl.store(keep_ptr + offs, keep.to(tl.int8), mask=inside)
+        tl.store(mean_ptr + rows, mean, mask=rows < n_rows)
+        tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)
+
+    @triton.jit
+    def backward(dy_ptr, a_ptr, h_ptr, keep_ptr, w_ptr, mean_ptr, rstd_ptr, da_ptr, dh_ptr, n_rows, scale,
+                 N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK)
+        inside = (rows[:, None] < n_rows) & (cols[None, :] < N)
+        offs = rows[:, None] * N + cols[None, :]
+        keep = tl.load(keep_ptr + offs, mask=inside, other=0) != 0
+        a = tl.load(a_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        h = tl.load(h_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        x = tl.where(keep, a * scale, 0.0).to(tl.bfloat16).to(tl.float32) + h
+        mean = tl.load(mean_ptr + rows, mask=rows < n_rows, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=rows < n_rows, other=0.0)
+        xhat = tl.where(inside, (x - mean[:, None]) * rstd[:, None], 0.0)
+        w = tl.load(w_ptr + cols, mask=cols < N, other=0.0)
+        g = tl.load(dy_ptr + offs, mask=inside, other=0.0).to(tl.float32) * w[None, :]
+        c1 = tl.sum(g * xhat, axis=1) / N
+        c2 = tl.sum(g, axis=1) / N
+        dx = tl.where(inside, (g - c2[:, None] - xhat * c1[:, None]) * rstd[:, None], 0.0)
+        tl.store(dh_ptr + offs, dx.to(tl.bfloat16), mask=inside)
+        tl.store(da_ptr + offs, tl.where(keep, dx * scale, 0.0).to(tl.bfloat16), mask=inside)
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(tokens, hidden, device=device, generator=gen).to(torch.bfloat16)
+    h = torch.randn(tokens, hidden, device=device, generator=gen).to(torch.bfloat16)
+    w = 1 + 0.1 * torch.randn(hidden, device=device, generator=gen)
+    b = 0.1 * torch.randn(hidden, device=device, generator=gen)
+    dy = torch.randn(tokens, hidden, device=device, generator=gen).to(torch.bfloat16)
+    seed = torch.randint(0, 2 ** 31 - 1, (1,), device=device, generator=gen, dtype=torch.int32)
+    scale, block = 1.0 / (1.0 - p), triton.next_power_of_2(hidden)
+    y, da, dh = torch.empty_like(a), torch.empty_like(a), torch.empty_like(a)
+    keep = torch.empty(tokens, hidden, device=device, dtype=torch.int8)
+    mean, rstd = (torch.empty(tokens, device=device) for _ in range(2))
+
+    def run(rows, warps, backward_too=True):
+        grid = (triton.cdiv(tokens, rows),)
+        forward[grid](a, h, w, b, y, keep, mean, rstd, seed, tokens, p, scale, eps, N=hidden, BLOCK=block,
+                      ROWS=rows, num_warps=warps)
+        if backward_too:
+            backward[grid](dy, a, h, keep, w, mean, rstd, da, dh, tokens, scale, N=hidden, BLOCK=block, ROWS=rows,
+                           num_warps=warps)
+
+    run(1, 4)
+    ref_a, ref_h = a.clone().requires_grad_(), h.clone().requires_grad_()
+    dropped = (ref_a * keep.bool() * scale).to(torch.bfloat16).float()
+    ref = F.layer_norm(dropped + ref_h.float(), (hidden,), w, b, eps)
+    ref.backward(dy.float())
+    rows = {"y_err": rel(y, ref), "da_err": rel(da, ref_a.grad), "dh_err": rel(dh, ref_h.grad),
+            "kept": keep.float().mean().item()}
+    if timing:
+        def block_fn(a, h):
+            return F.layer_norm(F.dropout(a, p, True).float() + h.float(), (hidden,), w, b, eps).to(torch.bfloat16)
+        compiled = torch.compile(block_fn)
+        ga, gh = a.clone().requires_grad_(), h.clone().requires_grad_()
+        rows["compiled_fwd_bwd"] = bench(lambda: compiled(ga, gh).backward(dy))
+        rows["compiled_fwd"] = bench(lambda: compiled(ga, gh))
+        for r, nw in ((1, 4), (2, 4), (4, 8), (8, 8), (16, 16)):
+            rows[f"triton_rows{r}_warps{nw}_fwd_bwd"] = bench(lambda: run(r, nw))
+            rows[f"triton_rows{r}_warps{nw}_fwd"] = bench(lambda: run(r, nw, False))
+        moved = tokens * hidden * (2 + 2 + 2 + 1 + 2 + 2 + 2 + 1 + 2 + 2)  # fwd: a h y keep; bwd: dy a h keep da dh
+        rows["bytes_fwd_bwd_gb"] = moved / 1e9
+        source = torch.empty(moved // 4, device=device, dtype=torch.bfloat16)  # read + written: `moved` bytes
+        target = torch.empty_like(source)
+        rows["copy_same_bytes"] = bench(lambda: target.copy_(source))
+    print(f"  Triton dropout + LayerNorm {rows}", flush=True)
+    results["triton_layer_norm"] = rows
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--modes", default="default,max-autotune-no-cudagraphs")
-    parser.add_argument("--parts", default="attention,patch_embedding,feed_forward,dropout_layer_norm",
+    parser.add_argument("--parts", default="attention,patch_embedding,feed_forward,dropout_layer_norm,"
+                        "triton_layer_norm",
                         help="comma-separated probes to run")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -220,6 +323,8 @@ def main():
         feed_forward(tokens, 768, 3072, results, args.modes.split(","))
     if "dropout_layer_norm" in parts:
         dropout_layer_norm(tokens, 768, results)
+    if "triton_layer_norm" in parts:
+        triton_layer_norm(tokens, 768, results)
     with open(os.path.join(args.out, "kernel_probe.json"), "w") as f:
         json.dump(results, f, indent=1)
 
