@@ -122,10 +122,6 @@ class TrainConfig:
     """Batches whose pieces all fill their rows (e.g. long MTF windows of 512 patches) run cuDNN's
     dense attention on Hopper GPUs instead of flash attention's variable-length kernel (the same
     function, faster; BENCHMARKS.md). Batches of mixed lengths always run the variable-length kernel."""
-    fused_layer_norm: bool = True
-    """Each dropout + residual + LayerNorm block of the symbolic and text encoders as two Triton
-    kernels on CUDA (forward, backward; clamp3_lora/kernels.py) instead of the compiled PyTorch ops:
-    the same function, with dropout masks of its own (BENCHMARKS.md)."""
     text_ahead: bool = True
     """While the host waits for a step's loss and gradient norm, queue the next batch's copy and
     frozen text pass on the GPU (one-batch steps without a GradScaler), so the GPU is not idle while

@@ -85,7 +85,6 @@ VARIANTS = {  # in the order the levers section times them
     "fast_no_patch_kernel": dict(patch_kernel=False),
     "fast_no_text_ahead": dict(text_ahead=False),
     "fast_varlen_attn": dict(dense_attention=False),
-    "fast_unfused_norm": dict(fused_layer_norm=False),
 }
 STEP_LEVERS = ("text_ahead",)  # levers of the step (real_step's arguments), not of prepare_for_training
 
@@ -98,7 +97,7 @@ def model_levers(variant):
 DESCRIPTIONS = {
     "naive": "naive trainer: one-hot via CPU fp32, pad 512, fp16+GradScaler, eager attention",
     "fast": "project default: packed tokens + varlen flash (cuDNN dense attention for full rows), each layer compiled, bf16 weights, shared LoRA dropout "
-            "fused into the q/k/v matmul, bf16 residual, Triton patch embedding and dropout + LayerNorm, CUDA graphs",
+            "fused into the q/k/v matmul, bf16 residual, Triton patch embedding, CUDA graphs",
     "fast_no_graphs": "default without CUDA graphs (eager launches of the compiled layers)",
     "fast_regions": "default, but compiling the two regions around attention (attention outside)",
     "plain_fp32w": "plain transformers forward (SDPA), bf16 autocast, fp32 weights",
@@ -111,7 +110,6 @@ DESCRIPTIONS = {
     "fast_no_patch_kernel": "default with embedding_bag instead of the Triton patch-embedding kernel",
     "fast_no_text_ahead": "default without queueing the next batch's text pass before the loss read",
     "fast_varlen_attn": "default with varlen flash attention for full rows too (no cuDNN dense attention)",
-    "fast_unfused_norm": "default with the compiled PyTorch dropout + residual + LayerNorm instead of the Triton kernels",
 }
 
 
@@ -555,8 +553,7 @@ def run_checks(config, state, device, spec, variants):
         results["fast_fp32"]["fp32_path"] = True
         del fp32_fast
         free(device)
-        training_mode_checks(config, state, device, batch, ref, ("fast", "fast_no_graphs", "fast_unfused_norm"), "",
-                             results)
+        training_mode_checks(config, state, device, batch, ref, ("fast", "fast_no_graphs"), "", results)
         # A batch whose rows are all full: the default runs dense (cuDNN) attention there.
         full = to_device(mixed_batch([spec["length"]] * len(lengths), [spec["text_tokens"]] * len(lengths),
                                      seed=12, vocab=config.text_vocab_size), device)
@@ -937,7 +934,7 @@ def main(argv=None):
                 lever_rows.append(row)
                 results.put("levers", lever_rows)
         big = spec["batches"][-1]
-        for name in ("fast_unfused_norm", "fast_varlen_attn", "fast_no_text_ahead", "fast_fp32_residual", "fast_no_patch_kernel",
+        for name in ("fast_varlen_attn", "fast_no_text_ahead", "fast_fp32_residual", "fast_no_patch_kernel",
                      "fast_regions", "plain", "fast_no_graphs"):  # the GPU-bound regime
             if name not in chosen:
                 continue

@@ -64,10 +64,6 @@ class FastPaths:
     """Batches whose rows are all full (T = B x L real tokens): attention as cuDNN's dense attention
     over [B, heads, L, head size] views of the packed tokens where it can run (`dense_available`),
     instead of flash attention's variable-length kernel (the same function; faster backward)."""
-    fused_layer_norm: bool = True
-    """The post-LN blocks (dropout, residual, LayerNorm) as the Triton kernels of
-    clamp3_lora/kernels.py where they can run (CUDA with Triton, frozen LayerNorms), instead of the
-    compiled PyTorch ops (the same function, with dropout masks of its own)."""
 
     def residual_dtype(self, cd):
         return torch.float32 if self.fp32_residual else cd
@@ -312,22 +308,15 @@ class _FrozenPlusLowRank(torch.autograd.Function):
 
 
 def attention_output_and_ffn(ctx, h, out_linear, norm1, inter_linear, ffn_linear, norm2, hidden_p,
-                             training, cd, rd, fused_norm=False):
+                             training, cd, rd):
     """Region 2 of a layer: attention output projection, dropout, residual + LayerNorm, GELU
     feed-forward, dropout, residual + LayerNorm (post-LN BERT). LayerNorm in fp32; the output (the
-    residual stream) in dtype rd. fused_norm: each dropout + residual + LayerNorm as the Triton
-    kernels (kernels.dropout_add_layer_norm)."""
-    h1 = _dropout_add_norm(_project(ctx, out_linear, training, cd), h, norm1, hidden_p, training, rd, fused_norm)
+    residual stream) in dtype rd."""
+    a = F.dropout(_project(ctx, out_linear, training, cd), hidden_p, training)
+    h1 = _layer_norm(a.float() + h.float(), norm1).to(rd)
     f = F.gelu(_project(h1.to(cd), inter_linear, training, cd))
-    return _dropout_add_norm(_project(f, ffn_linear, training, cd), h1, norm2, hidden_p, training, rd, fused_norm)
-
-
-def _dropout_add_norm(x, residual, norm, p, training, rd, fused):
-    """LayerNorm(dropout(x) + residual) in fp32, returned in dtype rd."""
-    if fused:
-        weight, bias, eps = norm
-        return kernels.dropout_add_layer_norm(x, residual.to(rd), weight, bias, eps, p if training else 0.0)
-    return _layer_norm(F.dropout(x, p, training).float() + residual.float(), norm).to(rd)
+    f = F.dropout(_project(f, ffn_linear, training, cd), hidden_p, training)
+    return _layer_norm(f.float() + h1.float(), norm2).to(rd)
 
 
 def embeddings_out(x, token_type, positions, norm, hidden_p, training, rd):
@@ -336,14 +325,14 @@ def embeddings_out(x, token_type, positions, norm, hidden_p, training, rd):
     return F.dropout(_layer_norm(e, norm), hidden_p, training).to(rd)
 
 
-def layer_forward(h, layout, parts, training, shared, cd, rd, fused_norm=False):
+def layer_forward(h, layout, parts, training, shared, cd, rd):
     """One whole layer (both regions and attention) on packed tokens: the unit that "layer"
     compilation turns into one graph, reused by every layer (weights are inputs)."""
     (query, key, value, heads, head_size, attention_p, out_linear, norm1, inter, ffn, norm2, hidden_p) = parts
     q, k, v = attention_inputs(h, query, key, value, heads, training, shared, cd)
     ctx = attend(q, k, v, layout, attention_p if training else 0.0, head_size ** -0.5)
     return attention_output_and_ffn(ctx.reshape(ctx.shape[0], -1), h, out_linear, norm1, inter, ffn, norm2,
-                                    hidden_p, training, cd, rd, fused_norm)
+                                    hidden_p, training, cd, rd)
 
 
 def _layer_norm(x, norm):
@@ -472,12 +461,10 @@ def encode(bert, h, tokens, options, cd, parts=None):
     head_size = parts[0][4]
     kind = attention_kind(options, tokens, h.device, cd, head_size)
     layout = _dynamic_layout(tokens.attention_layout(kind), compiled)
-    fused_norm = fused_norm_runs(options, parts, h.device)
     if mode in ("layer", "none"):
         layer = _region("layer_forward", mode == "layer")
         for layer_parts in parts:
-            h = layer(_dynamic(h, compiled), layout, layer_parts, training, options.shared_lora_dropout, cd, rd,
-                      fused_norm)
+            h = layer(_dynamic(h, compiled), layout, layer_parts, training, options.shared_lora_dropout, cd, rd)
         return h
     inputs_region = _region("attention_inputs", True)
     output_region = _region("attention_output_and_ffn", True)
@@ -486,17 +473,8 @@ def encode(bert, h, tokens, options, cd, parts=None):
                                 options.shared_lora_dropout, cd)
         ctx = attend(q, k, v, layout, attention_p if training else 0.0, size ** -0.5)
         h = output_region(_dynamic(ctx.reshape(ctx.shape[0], -1), True), _dynamic(h, True), out, norm1, inter,
-                          ffn, norm2, hidden_p, training, cd, rd, fused_norm)
+                          ffn, norm2, hidden_p, training, cd, rd)
     return h
-
-
-def fused_norm_runs(options, parts, device):
-    """Whether the layers' dropout + residual + LayerNorm run as the Triton kernels: asked for,
-    Triton can run on `device`, and no LayerNorm weight is trained (the kernels give no gradient
-    for it)."""
-    norms = [layer[i] for layer in parts for i in (7, 10)]
-    return (options.fused_layer_norm and kernels.available(device)
-            and not any(t is not None and t.requires_grad for weight, bias, _ in norms for t in (weight, bias)))
 
 
 def _embeddings(bert, x, positions, options, cd):
@@ -564,7 +542,7 @@ def store_frozen_weights(model, dtype):
 
 
 __all__ = ["FastPaths", "Tokens", "packing", "attend", "padded_attention", "varlen_available",
-           "dense_available", "dense_attention", "attention_kind", "fused_norm_runs", "layer_forward",
+           "dense_available", "dense_attention", "attention_kind", "layer_forward",
            "COMPILE_MODES",
            "attention_inputs", "attention_output_and_ffn", "embeddings_out", "check_encoder",
            "compute_dtype", "encode", "embed_patches", "music_hidden", "text_hidden", "store_frozen_weights",
@@ -575,5 +553,4 @@ def settings_from_config(cfg):
     """The keyword arguments of Clamp3.prepare_for_training from a TrainConfig's speed fields."""
     return dict(fast_encoder=cfg.fast_encoder, compile=cfg.compile_layers, bf16_weights=cfg.bf16_weights,
                 shared_lora_dropout=cfg.shared_lora_dropout, fp32_residual=cfg.fp32_residual,
-                patch_kernel=cfg.patch_kernel, dense_attention=cfg.dense_attention,
-                fused_layer_norm=cfg.fused_layer_norm, cuda_graphs=cfg.cuda_graphs)
+                patch_kernel=cfg.patch_kernel, dense_attention=cfg.dense_attention, cuda_graphs=cfg.cuda_graphs)

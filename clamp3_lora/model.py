@@ -307,7 +307,7 @@ class Clamp3(nn.Module):
 
     def prepare_for_training(self, precision="bf16", fast_encoder=True, compile=True, bf16_weights=True,
                              shared_lora_dropout=True, fp32_residual=False, attention="auto", cuda_graphs=True,
-                             patch_kernel=True, dense_attention=True, fused_layer_norm=True):
+                             patch_kernel=True, dense_attention=True):
         """Switch on the fast paths of the training step (call after add_adapter/load_adapter, on the
         model's final device, before DistributedDataParallel wraps it and before the first step).
 
@@ -326,8 +326,6 @@ class Clamp3(nn.Module):
         attention: "auto", "varlen" or "padded" (see fast.FastPaths).
         dense_attention: batches whose rows are all full run cuDNN's dense attention where it can
             run (Hopper GPUs), instead of varlen flash attention (fast.dense_available).
-        fused_layer_norm: the fast encoder's dropout + residual + LayerNorm blocks run as Triton
-            kernels where Triton can run (CUDA) and the LayerNorms are frozen (clamp3_lora/kernels.py).
         cuda_graphs: CUDA with the fast encoder only: training passes (model.train(), packed batches
             from the collate function) replay CUDA graphs captured per batch shape
             (clamp3_lora/graphs.py); evaluation runs eagerly.
@@ -345,8 +343,7 @@ class Clamp3(nn.Module):
             check_encoder(self.text_model, "text encoder")
             self.fast = FastPaths(compile=mode if cuda else "none", shared_lora_dropout=bool(shared_lora_dropout),
                                   attention=attention, fp32_residual=bool(fp32_residual),
-                                  patch_kernel=bool(patch_kernel), dense_attention=bool(dense_attention),
-                                  fused_layer_norm=bool(fused_layer_norm))
+                                  patch_kernel=bool(patch_kernel), dense_attention=bool(dense_attention))
             if self.fast.compile != "none":
                 # One compiled layer serves every layer, yet it is specialised on a few things (music
                 # or text, the first layer or not, dense or varlen attention, training or evaluation):
@@ -367,8 +364,6 @@ class Clamp3(nn.Module):
                     next(self.parameters()).device)),
                 "attention": self.fast.attention if self.fast else "transformers",
                 "dense_attention": bool(self.fast and self.fast.dense_attention and self._dense_runs(precision)),
-                "fused_layer_norm": bool(self.fast and self.fast.fused_layer_norm and kernels.available(
-                    next(self.parameters()).device)),
                 "cuda_graphs": self.graphs is not None}
 
     def _dense_runs(self, precision):

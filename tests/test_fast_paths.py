@@ -327,7 +327,7 @@ def test_prepare_for_training_on_cpu_and_off_switch():
     state = model.prepare_for_training("bf16")
     assert state == {"fast_encoder": True, "compile": "none", "bf16_weights": False,
                      "shared_lora_dropout": True, "fp32_residual": False, "patch_kernel": False,
-                     "attention": "auto", "dense_attention": False, "fused_layer_norm": False, "cuda_graphs": False}
+                     "attention": "auto", "dense_attention": False, "cuda_graphs": False}
     assert model.prepare_for_training("bf16", fast_encoder=False)["fast_encoder"] is False
     assert model.fast is None
     with pytest.raises(Clamp3LoraError, match="attention mode"):
