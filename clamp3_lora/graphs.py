@@ -202,6 +202,7 @@ class EncoderGraphs:
         self.pool = None  # the memory pool all graphs share, made at the first capture
         self.graphs = {}
         self.signature = None
+        self.all_params = None  # ((encoder parts, symbolic_proj), every music-side parameter); see _params
         self.captures = 0
 
     def _check_signature(self, params):
@@ -217,9 +218,17 @@ class EncoderGraphs:
             self.signature = (parts, pointers)
 
     def _params(self):
+        """The music side's parameters that require grad (the LoRA weights). Walking the modules
+        takes ~1 ms of Python for the full-size model, and this runs while the GPU waits for the
+        step's first launch, so the list of all parameters is kept while the symbolic encoder's
+        parts (fast._encoder_parts, rebuilt when an adapter or a dropout changes) and the
+        projection module stay the same objects; only the requires_grad filter runs at every step."""
         model = self.model
-        return [p for module in (model.symbolic_model, model.symbolic_proj) for p in module.parameters()
-                if p.requires_grad]
+        key = (_encoder_parts(model.symbolic_model.bert), model.symbolic_proj)
+        if self.all_params is None or any(a is not b for a, b in zip(key, self.all_params[0])):
+            self.all_params = (key, [p for module in (model.symbolic_model, model.symbolic_proj)
+                                     for p in module.parameters()])
+        return [p for p in self.all_params[1] if p.requires_grad]
 
     def music(self, patches, patch_mask, packed):
         """Music features with grad (an autograd node replaying the captured backward)."""

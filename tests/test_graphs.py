@@ -217,3 +217,27 @@ def test_graph_replays_give_the_fast_path_features_and_accumulate_gradients_corr
     model.symbolic_model.bert.encoder.layer[0].output.dropout.p = 0.5  # another dropout: dropped too
     model.music_features(first["patches"], first["patch_mask"], (first["patch_index"], first["patch_cu"]))
     assert replayed.captures == 5 and len(replayed.graphs) == 1
+
+
+def test_the_list_of_trainable_weights_is_kept_between_steps_and_follows_changes():
+    """EncoderGraphs._params walks the modules once (it runs before every step's first launch), yet
+    gives what a fresh walk gives after requires_grad or the encoder's parts change."""
+    model = tiny_model()
+    model.prepare_for_training("fp32")
+    kept = graphs.EncoderGraphs(model)
+
+    def same_as_a_fresh_walk():
+        fresh = [p for m in (model.symbolic_model, model.symbolic_proj) for p in m.parameters() if p.requires_grad]
+        got = kept._params()
+        return len(got) == len(fresh) and all(a is b for a, b in zip(got, fresh))
+
+    assert same_as_a_fresh_walk() and len(kept._params()) == len(model.trainable_parameters())
+    walked = kept.all_params
+    assert same_as_a_fresh_walk() and kept.all_params is walked            # not walked again
+    model.symbolic_proj.weight.requires_grad_(True)                           # unfrozen: listed at once
+    assert same_as_a_fresh_walk() and any(p is model.symbolic_proj.weight for p in kept._params())
+    model.symbolic_model.bert.encoder.layer[0].output.dropout.p = 0.5        # parts rebuilt: walked again
+    assert same_as_a_fresh_walk() and kept.all_params is not walked
+    walked = kept.all_params
+    model.symbolic_proj = torch.nn.Linear(*model.symbolic_proj.weight.shape[::-1])  # another module
+    assert same_as_a_fresh_walk() and kept.all_params is not walked
