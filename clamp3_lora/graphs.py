@@ -203,6 +203,7 @@ class EncoderGraphs:
         self.graphs = {}
         self.signature = None
         self.all_params = None  # ((encoder parts, symbolic_proj), every music-side parameter); see _params
+        self.laid_out = None  # (patches, music_inputs(...)) of the next batch; see lay_out_music
         self.captures = 0
 
     def _check_signature(self, params):
@@ -237,11 +238,22 @@ class EncoderGraphs:
         pd = projection_dtype("cuda", model.symbolic_proj.weight)
         size = bucket_size(packed[0].shape[0])
         dense = dense_length(packed[0].shape[0], *patch_mask.shape, size)
-        inputs = music_inputs(model, patches, patch_mask, packed, size)
+        laid_out, self.laid_out = self.laid_out, None
+        if laid_out is not None and laid_out[0] is patches:
+            inputs = laid_out[1]
+        else:
+            inputs = music_inputs(model, patches, patch_mask, packed, size)
         params = self._params()
         captured = self._graph(("music", patch_mask.shape[0], size, dense, cd, pd), inputs, params,
                                lambda *args, weights: music_flat(model, *args, cd, pd, weights, dense))
         return _Replay.apply(captured, *params)
+
+    def lay_out_music(self, patches, patch_mask, packed):
+        """Queue the fixed-shape layout of a batch's music inputs now, for its music() call later
+        (kept for the batch whose `patches` tensor that call gets): its dozen small launches then
+        happen while the host waits on the previous step, not while the GPU waits for this one."""
+        self.laid_out = (patches, music_inputs(self.model, patches, patch_mask, packed,
+                                               bucket_size(packed[0].shape[0])))
 
     def text(self, input_ids, attention_mask, packed):
         """Text features without grad (the frozen text side)."""

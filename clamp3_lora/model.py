@@ -297,6 +297,13 @@ class Clamp3(nn.Module):
             hidden = self.symbolic_model(patches, patch_mask)
         return _apply_linear(self.symbolic_proj, masked_mean(hidden, patch_mask))
 
+    def lay_out_music_ahead(self, patches, patch_mask, packed=None):
+        """With CUDA graphs in a training pass: queue the layout of a batch's music inputs before
+        its step (step.text_ahead does, for the next batch); music_features then starts from it
+        when given the same `patches` tensor. The same features either way; no-op without graphs."""
+        if self.graphs is not None and self.training and packed is not None:
+            self.graphs.lay_out_music(patches, patch_mask, packed)
+
     def forward(self, patches, patch_mask, input_ids=None, attention_mask=None, packed=None, text_packed=None):
         """(music features, text features or None); the entry point for DistributedDataParallel."""
         music = self.music_features(patches, patch_mask, packed)

@@ -72,15 +72,19 @@ def text_ahead(model, cpu_batch, device, precision):
     The frozen text side does not depend on the update the current step is about to make, so its
     pass over the next batch can be queued on the GPU while the host waits for this step's loss
     and gradient norm (read_scalars_during): the GPU then has work in the time the host spends
-    deciding on and launching the update. None when the text side is trainable, or on an
-    out-of-memory error (the batch's own step then computes its text, and meets the error there).
+    deciding on and launching the update. With CUDA graphs, the layout of the batch's music
+    inputs is queued then too (Clamp3.lay_out_music_ahead). None when the text side is trainable,
+    or on an out-of-memory error (the batch's own step then computes its text, and meets the error
+    there).
     """
     if not unwrap(model).text_frozen:
         return None
     batch = to_device(cpu_batch, device)
     try:
         with autocast(device, precision):
-            return batch, text_features(model, batch)
+            text = text_features(model, batch)
+        unwrap(model).lay_out_music_ahead(batch["patches"], batch["patch_mask"], packed_of(batch, "patch"))
+        return batch, text
     except RuntimeError as error:
         if not is_oom(error):
             raise

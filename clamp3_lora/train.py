@@ -48,7 +48,7 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -212,7 +212,11 @@ class Progress:
         self.epoch_skipped = dict.fromkeys(SKIP_REASONS, 0)
 
     def copy(self):
-        return Progress(**asdict(self))  # asdict copies the dicts and lists (history entries too)
+        """A snapshot, taken at every optimizer step: the counters' dicts and the history list are
+        copied; the history's entries are shared (an entry is never changed once appended; a deep
+        copy of them took ~0.5 ms per step after ten epochs, while the GPU waited for the next step)."""
+        return replace(self, epoch_skipped=dict(self.epoch_skipped), skipped=dict(self.skipped),
+                       history=list(self.history))
 
 
 @dataclass

@@ -241,3 +241,41 @@ def test_the_list_of_trainable_weights_is_kept_between_steps_and_follows_changes
     walked = kept.all_params
     model.symbolic_proj = torch.nn.Linear(*model.symbolic_proj.weight.shape[::-1])  # another module
     assert same_as_a_fresh_walk() and kept.all_params is not walked
+
+
+def test_music_inputs_laid_out_ahead_are_used_by_their_own_batch_only(monkeypatch):
+    """step.text_ahead queues the layout of the next batch's music inputs (Clamp3.lay_out_music_ahead);
+    the music pass of that batch starts from it (no second layout), gives the same features and
+    gradients, and a layout made for another batch is never used."""
+    from clamp3_lora.step import text_ahead
+
+    model = tiny_model()
+    no_dropout(model)
+    model.train()
+    model.text_model.eval()
+    model.prepare_for_training("fp32")
+    model.graphs = EagerGraphs(model)
+    first = add_packing(make_batch(seed=1, lengths=(23, 1, 7, 16)))
+    other = add_packing(make_batch(seed=2, lengths=(20, 3, 9, 15)))   # the same shape and bucket
+    layouts = []
+    real_music_inputs = graphs.music_inputs
+    monkeypatch.setattr(graphs, "music_inputs", lambda *a: layouts.append(a[1]) or real_music_inputs(*a))
+
+    def music_and_grads(batch):
+        model.zero_grad(set_to_none=True)
+        music = model.music_features(batch["patches"], batch["patch_mask"], (batch["patch_index"], batch["patch_cu"]))
+        music.square().sum().backward()
+        return music.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    reference = music_and_grads(first)
+    assert len(layouts) == 1
+    device_batch, _ = text_ahead(model, first, torch.device("cpu"), "fp32")
+    assert len(layouts) == 2 and layouts[-1] is device_batch["patches"]
+    music, grads = music_and_grads(device_batch)
+    assert len(layouts) == 2 and model.graphs.laid_out is None          # the layout ahead was used
+    assert rel(music, reference[0]) <= FP32_TOL
+    assert max(rel(grads[n], reference[1][n]) for n in grads) <= FP32_TOL
+    model.lay_out_music_ahead(first["patches"], first["patch_mask"], (first["patch_index"], first["patch_cu"]))
+    music, _ = music_and_grads(other)                                    # laid out for `first`: not used
+    assert len(layouts) == 4 and layouts[-1] is other["patches"]
+    assert rel(music, music_and_grads(other)[0]) <= FP32_TOL and rel(music, reference[0]) > 1e-3

@@ -122,3 +122,22 @@ def test_a_new_run_refuses_to_overwrite_an_earlier_one(tmp_path_factory, tmp_pat
     assert result.returncode == 1, explain(result)
     assert "--resume auto" in result.stderr and "--resume fresh" in result.stderr
     assert len(list(log_dir(output).glob("ABC_checkpoint_epoch*.pth"))) == 2
+
+
+def test_a_progress_snapshot_does_not_move_with_the_stage():
+    """The boundary snapshot (Progress.copy, taken at every optimizer step) keeps the values of its
+    moment while the stage goes on: counters, skip counts, and the history list."""
+    from dataclasses import asdict
+
+    from clamp3_lora.train import Progress
+    progress = Progress(batch=3, history=[{"epoch": 1, "eval_loss": 2.0}])
+    progress.skipped["oom"] = 1
+    snapshot = progress.copy()
+    before = asdict(snapshot)
+    assert before == asdict(progress)
+    progress.batch += 1
+    progress.skipped["oom"] += 1
+    progress.epoch_skipped["nonfinite_loss"] += 1
+    progress.history.append({"epoch": 2, "eval_loss": 1.5})
+    progress.next_epoch()
+    assert asdict(snapshot) == before
