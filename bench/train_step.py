@@ -25,6 +25,10 @@ In ONE process on one device it measures and prints a table, writing everything 
 6. levers: each fast path switched off or changed one at a time (batch 32, 512 patches).
 7. data: the data pipeline alone (JSONL -> clamp3_lora.data -> DataLoader with N workers ->
    pinned batches) on the demo ABC and MTF data and on long synthetic MTF/MIDI pieces.
+8. trainer: the trainer itself (train_clamp3_lora.py in a child process: data workers, guards,
+   logs, periodic checkpoints) for one epoch on long synthetic MTF pieces (512-patch windows,
+   128-token texts), batch 32: its median step and its rate over the epoch from its own step log,
+   against real_step on batches of the same data in this process.
 
 Timing: warm-up steps first (compilation included there), then several blocks of steps between
 torch.cuda.synchronize() calls; the median block gives ms/step.
@@ -54,7 +58,7 @@ from torch.utils.data import Sampler  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from clamp3_lora.data import Collator, MusicTextDataset, add_packing, make_loader, scan_data_file  # noqa: E402
-from clamp3_lora.model import Clamp3, _skip_weight_init, clip_loss, load_model, masked_mean  # noqa: E402
+from clamp3_lora.model import Clamp3, _skip_weight_init, clip_loss, load_model, load_tokenizer, masked_mean  # noqa: E402
 from clamp3_lora.step import (autocast, contrastive_loss, forward_loss, local_features, packed_of,  # noqa: E402
                                to_device, unwrap)
 from clamp3_lora.step import text_ahead as step_text_ahead  # noqa: E402
@@ -65,10 +69,11 @@ GIB = 1024 ** 3
 FULL = dict(preset="full", length=512, text_tokens=128, batches=(32, 64, 128), lever_batch=32,
             naive_batch=32, check_lengths=(512, 300, 17, 1, 128, 64, 400, 5), warmup=3, blocks=4, steps=4,
             naive_blocks=2, naive_steps=2, ceiling_n=8192, workers=(4, 15), data_seconds=2.0,
-            long_pieces=16, demo_batches=8, item_samples=6)
+            long_pieces=16, demo_batches=8, item_samples=6, trainer_steps=150)
 SMOKE = dict(preset="tiny", length=64, text_tokens=32, batches=(4, 8), lever_batch=4, naive_batch=4,
              check_lengths=(64, 30, 1, 9), warmup=1, blocks=2, steps=2, naive_blocks=2, naive_steps=1,
-             ceiling_n=256, workers=(0, 1), data_seconds=0.5, long_pieces=4, demo_batches=3, item_samples=2)
+             ceiling_n=256, workers=(0, 1), data_seconds=0.5, long_pieces=4, demo_batches=3, item_samples=2,
+             trainer_steps=8)
 
 # The levers: keyword arguments of Clamp3.prepare_for_training; "fast" is the configured default.
 VARIANTS = {  # in the order the levers section times them
@@ -748,6 +753,73 @@ def data_pipeline(tokenizer, spec, device, folder):
     return rows
 
 
+def trainer_data(folder, spec, size):
+    """(train JSONL, eval JSONL) of long synthetic MTF pieces for the trainer section: every piece
+    gives a full window of patches, and every description fills a whole text window."""
+    from synthetic_midi import write_long_pieces
+    long_mtf, _ = write_long_pieces(folder, count=spec["long_pieces"], seed=0)
+    words = "a lively piece in a major key with a quick tempo and many notes for four instruments".split()
+    rng = random.Random(0)
+    records = [{"filepaths": json.loads(line)["filepaths"],  # one long text field: every text fills the window
+                "description": " ".join(rng.choice(words) for _ in range(spec["text_tokens"] + 12))}
+               for line in long_mtf.read_text(encoding="utf-8").splitlines()]
+    train, evaluation = Path(folder) / "trainer_train.jsonl", Path(folder) / "trainer_eval.jsonl"
+    for path, count in ((train, size * spec["trainer_steps"]), (evaluation, 2 * size)):
+        path.write_text("".join(json.dumps(records[i % len(records)]) + "\n" for i in range(count)), encoding="utf-8")
+    return train, evaluation
+
+
+def trainer_rate(spec, device, folder, size):
+    """The trainer (a child process) for one epoch of trainer_steps batches of `size`: its median
+    step (ms) and its samples/s over the epoch after the first 20 steps (periodic checkpoints
+    included), from the times its step log implies (samples so far / the epoch's running rate);
+    then real_step on batches of the same data in this process, for comparison."""
+    train, evaluation = trainer_data(folder, spec, size)
+    tokenizer_dir = ROOT / "demo" / "tokenizer"
+    command = [sys.executable, str(ROOT / "train_clamp3_lora.py"), "--preset", spec["preset"],
+               "--text-model", str(tokenizer_dir), "--stages", "mtf", "--mtf-train", str(train),
+               "--mtf-eval", str(evaluation), "--epochs", "1", "--batch-size", str(size),
+               "--max-patches", str(spec["length"]), "--max-text-tokens", str(spec["text_tokens"]),
+               "--num-workers", str(max(spec["workers"])), "--output-dir", str(Path(folder) / "run"),
+               "--device", device.type]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    wall = time.perf_counter() - started
+    steps = [json.loads(line) for line in
+             (Path(folder) / "run" / "logs" / "lora" / "MTF_steps.jsonl").read_text(encoding="utf-8").splitlines()]
+    seen = 0
+    at = []                                                  # seconds into the epoch at each step's record
+    for record in steps:
+        seen += record["batch_size"]
+        at.append(seen / record["samples_per_s"])
+    skip = min(20, len(at) // 2)
+    durations = [b - a for a, b in zip(at[skip:], at[skip + 1:])]
+    trainer_ms = statistics.median(durations) * 1000
+    row = {"variant": "trainer", "batch": size, "steps": len(steps), "median_step_ms": trainer_ms,
+           "samples_per_s_median_step": size / trainer_ms * 1000,
+           "samples_per_s_epoch": size * len(durations) / sum(durations), "wall_s": wall}
+    config, state = base_state(spec["preset"])
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    records = scan_data_file(train).records
+    dataset = MusicTextDataset(records, tokenizer, train=True, max_patches=spec["length"],
+                               max_text_tokens=spec["text_tokens"])
+    rng = random.Random(0)
+    collate = Collator(tokenizer.pad_token_id)
+    batches = [pinned(collate([dataset[(rng.randrange(len(records)), rng.randrange(2 ** 31))] for _ in range(size)]),
+                      device) for _ in range(3)]
+    model = build(config, state, device, "fast")
+    step = real_step(model, device)
+    ms, _, _ = time_steps(step, batches, device, spec["warmup"], spec["blocks"], spec["steps"])
+    row.update(real_step_ms=ms, real_step_samples_per_s=size / ms * 1000,
+               mean_patches=statistics.mean(float(b["patch_mask"].sum(1).float().mean()) for b in batches),
+               mean_text_tokens=statistics.mean(float(b["text_mask"].sum(1).float().mean()) for b in batches))
+    del model, step
+    free(device)
+    return row
+
+
 # --------------------------------------------------------------------------------------------
 # Main
 
@@ -757,7 +829,7 @@ def main(argv=None):
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"), help="folder for results.json")
     parser.add_argument("--smoke", action="store_true", help="tiny model, few steps (CPU or GPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sections", default="ceiling,checks,naive,real,memory,demo,data,levers",
+    parser.add_argument("--sections", default="ceiling,checks,naive,real,memory,demo,trainer,data,levers",
                         help="comma-separated subset of the sections to run")
     parser.add_argument("--levers", default=",".join(VARIANTS),
                         help="comma-separated variants the levers section times (default: all)")
@@ -945,6 +1017,22 @@ def main(argv=None):
                 lever_rows.append(row)
                 results.put("levers", lever_rows)
 
+    if time_left("trainer", 90 if device.type == "cuda" else 20):
+        log(f"== the trainer itself (train_clamp3_lora.py, one epoch of {spec['trainer_steps']} batches of "
+            f"{spec['naive_batch']}, long MTF pieces) against real_step on the same data")
+        try:
+            with tempfile.TemporaryDirectory() as folder:
+                row = trainer_rate(spec, device, folder, spec["naive_batch"])
+            log(f"  trainer: median step {row['median_step_ms']:.2f} ms = {row['samples_per_s_median_step']:.1f} "
+                f"samples/s; {row['samples_per_s_epoch']:.1f} samples/s over the epoch after its first steps "
+                f"(periodic checkpoints included); real_step on batches of the same data: {row['real_step_ms']:.2f} "
+                f"ms = {row['real_step_samples_per_s']:.1f} samples/s (mean {row['mean_patches']:.0f} patches, "
+                f"{row['mean_text_tokens']:.0f} text tokens)")
+            results.put("trainer", row)
+        except Exception as error:  # noqa: BLE001 -- recorded and printed; the other sections still run
+            failures.append({"variant": "trainer", **failure("trainer", error)})
+            results.put("failures", failures)
+
     data_rows = []
     if time_left("data", 20):
         if tokenizer is None:
@@ -974,6 +1062,11 @@ def summary(results, rows, demo_rows, data_rows, lever_rows, spec):
             mfu = f"{r['mfu']:.1%}" if "mfu" in r else ""
             log(f"{r['variant']:28s} {r['batch']:5d} {r['ms_per_step']:9.2f} {r['samples_per_s']:10.1f} "
                 f"{r['peak_gib']:9.2f} {r.get('reserved_gib', 0):9.2f} {mfu:>6s}  {speedup}")
+    trainer = results.data.get("trainer")
+    if trainer:
+        log(f"-- the trainer itself, batch {trainer['batch']}: median step {trainer['median_step_ms']:.2f} ms = "
+            f"{trainer['samples_per_s_median_step']:.1f} samples/s (epoch {trainer['samples_per_s_epoch']:.1f}); "
+            f"real_step on its data {trainer['real_step_samples_per_s']:.1f}")
     if data_rows:
         log("-- data pipeline (samples/s)")
         for r in data_rows:
