@@ -122,6 +122,10 @@ class TrainConfig:
     """Batches whose pieces all fill their rows (e.g. long MTF windows of 512 patches) run cuDNN's
     dense attention on Hopper GPUs instead of flash attention's variable-length kernel (the same
     function, faster; BENCHMARKS.md). Batches of mixed lengths always run the variable-length kernel."""
+    keep_masks: bool = True
+    """Draw each layer's dropout masks (LoRA input, attention output, feed-forward output) ahead of
+    the layer, four elements per random-number call with a Triton kernel on CUDA, instead of inside
+    the compiled layer's kernels (the same dropout; BENCHMARKS.md)."""
     text_ahead: bool = True
     """While the host waits for a step's loss and gradient norm, queue the next batch's copy and
     frozen text pass on the GPU (one-batch steps without a GradScaler), so the GPU is not idle while

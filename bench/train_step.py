@@ -90,6 +90,7 @@ VARIANTS = {  # in the order the levers section times them
     "fast_no_patch_kernel": dict(patch_kernel=False),
     "fast_no_text_ahead": dict(text_ahead=False),
     "fast_varlen_attn": dict(dense_attention=False),
+    "fast_no_keep_masks": dict(keep_masks=False),
 }
 STEP_LEVERS = ("text_ahead",)  # levers of the step (real_step's arguments), not of prepare_for_training
 
@@ -102,7 +103,7 @@ def model_levers(variant):
 DESCRIPTIONS = {
     "naive": "naive trainer: one-hot via CPU fp32, pad 512, fp16+GradScaler, eager attention",
     "fast": "project default: packed tokens + varlen flash (cuDNN dense attention for full rows), each layer compiled, bf16 weights, shared LoRA dropout "
-            "fused into the q/k/v matmul, bf16 residual, Triton patch embedding, CUDA graphs",
+            "fused into the q/k/v matmul, bf16 residual, Triton patch embedding, dropout masks drawn ahead, CUDA graphs",
     "fast_no_graphs": "default without CUDA graphs (eager launches of the compiled layers)",
     "fast_regions": "default, but compiling the two regions around attention (attention outside)",
     "plain_fp32w": "plain transformers forward (SDPA), bf16 autocast, fp32 weights",
@@ -115,6 +116,7 @@ DESCRIPTIONS = {
     "fast_no_patch_kernel": "default with embedding_bag instead of the Triton patch-embedding kernel",
     "fast_no_text_ahead": "default without queueing the next batch's text pass before the loss read",
     "fast_varlen_attn": "default with varlen flash attention for full rows too (no cuDNN dense attention)",
+    "fast_no_keep_masks": "default with the dropout masks drawn inside the compiled layer (one random call per element)",
 }
 
 

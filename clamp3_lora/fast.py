@@ -64,6 +64,10 @@ class FastPaths:
     """Batches whose rows are all full (T = B x L real tokens): attention as cuDNN's dense attention
     over [B, heads, L, head size] views of the packed tokens where it can run (`dense_available`),
     instead of flash attention's variable-length kernel (the same function; faster backward)."""
+    keep_masks: bool = True
+    """In training, draw each layer's dropout masks (LoRA input, attention output, feed-forward output)
+    ahead of the layer, four elements per random-number call (kernels.keep_masks; torch.rand
+    without Triton), instead of inside the layer's kernels (the same dropout)."""
 
     def residual_dtype(self, cd):
         return torch.float32 if self.fp32_residual else cd
@@ -230,7 +234,39 @@ def _project(x, linear, training, cd):
     return y
 
 
-def attention_inputs(h, query, key, value, heads, training, shared, cd):
+def shared_lora_p(query, key, value):
+    """The LoRA dropout probability of a layer whose query/key/value LoRAs can share one dropout
+    mask (one LoRA each where present, all with the same p), else None."""
+    linears = (query, key, value)
+    if not all(len(lin[2]) <= 1 for lin in linears):
+        return None
+    ps = {lin[2][0][4] for lin in linears if lin[2]}
+    return ps.pop() if len(ps) == 1 else None
+
+
+def _drop(x, p, training, keep=None):
+    """Dropout of x with probability p in training: with `keep` (a bool keep-mask of x's shape,
+    drawn ahead by dropout_keep), x * keep / (1 - p), the function F.dropout computes with its own
+    mask."""
+    if not training or not p:
+        return x
+    if keep is None:
+        return F.dropout(x, p, True)
+    return x * keep * (1.0 / (1.0 - p)) if p < 1 else torch.zeros_like(x)
+
+
+def dropout_keep(h, layer, seed, lora_p, hidden_p):
+    """Keep-masks [3, T, hidden] (bool) of one layer's dropouts, drawn before the layer: the LoRA
+    input's (probability lora_p), the attention output's and the feed-forward output's (hidden_p).
+    With Triton, kernels.keep_masks draws them from `seed` (a one-element tensor, one per pass) and
+    the layer's index; else torch.rand (seed unused)."""
+    ps = (lora_p, hidden_p, hidden_p)
+    if seed is not None:
+        return kernels.keep_masks(seed, layer, h.numel(), ps).view(3, *h.shape)
+    return torch.rand((3,) + tuple(h.shape), device=h.device) >= torch.tensor(ps, device=h.device).view(3, 1, 1)
+
+
+def attention_inputs(h, query, key, value, heads, training, shared, cd, keep=None):
     """Region 1 of a layer: q, k, v [T, heads, head size] from h [T, hidden].
 
     The three frozen projections are one matmul over their concatenated weights, and q, k, v are
@@ -238,7 +274,8 @@ def attention_inputs(h, query, key, value, heads, training, shared, cd):
     `shared`, one dropout mask of h feeds all three LoRA A matrices (one matmul), and one matmul
     with the block-diagonal of the B matrices, each times its scale, adds all three LoRA terms (and
     the biases) to the frozen matmul's output (the ranks padded with zeros to a multiple of 8); else
-    each LoRA drops its own copy of h (peft's way).
+    each LoRA drops its own copy of h (peft's way). `keep`: the shared dropout's keep-mask, drawn
+    ahead (dropout_keep), else F.dropout draws one.
     """
     linears = (query, key, value)
     sizes = [lin[0].shape[0] for lin in linears]
@@ -249,11 +286,9 @@ def attention_inputs(h, query, key, value, heads, training, shared, cd):
                           for lin, size in zip(linears, sizes)]).to(cd)
     h = h.to(cd)
     with_lora = [j for j, lin in enumerate(linears) if lin[2]]
-    ps = {lora[4] for j in with_lora for lora in linears[j][2]}
-    single = all(len(linears[j][2]) == 1 for j in with_lora)
-    if shared and with_lora and len(ps) == 1 and single:
-        p = ps.pop()
-        dropped = F.dropout(h, p, training) if p else h
+    p = shared_lora_p(query, key, value)
+    if shared and p is not None:
+        dropped = _drop(h, p, training, keep)
         loras = [lin[2][0] if lin[2] else None for lin in linears]
         down = torch.cat([lora[0] for lora in loras if lora is not None])
         up = torch.block_diag(*[lin[0].new_zeros(size, 0) if lora is None else lora[1] * lora[3]
@@ -308,14 +343,15 @@ class _FrozenPlusLowRank(torch.autograd.Function):
 
 
 def attention_output_and_ffn(ctx, h, out_linear, norm1, inter_linear, ffn_linear, norm2, hidden_p,
-                             training, cd, rd):
+                             training, cd, rd, keep=None):
     """Region 2 of a layer: attention output projection, dropout, residual + LayerNorm, GELU
     feed-forward, dropout, residual + LayerNorm (post-LN BERT). LayerNorm in fp32; the output (the
-    residual stream) in dtype rd."""
-    a = F.dropout(_project(ctx, out_linear, training, cd), hidden_p, training)
+    residual stream) in dtype rd. `keep`: the layer's keep-masks (dropout_keep; rows 1 and 2 are
+    these two dropouts'), else F.dropout draws them."""
+    a = _drop(_project(ctx, out_linear, training, cd), hidden_p, training, None if keep is None else keep[1])
     h1 = _layer_norm(a.float() + h.float(), norm1).to(rd)
     f = F.gelu(_project(h1.to(cd), inter_linear, training, cd))
-    f = F.dropout(_project(f, ffn_linear, training, cd), hidden_p, training)
+    f = _drop(_project(f, ffn_linear, training, cd), hidden_p, training, None if keep is None else keep[2])
     return _layer_norm(f.float() + h1.float(), norm2).to(rd)
 
 
@@ -325,14 +361,15 @@ def embeddings_out(x, token_type, positions, norm, hidden_p, training, rd):
     return F.dropout(_layer_norm(e, norm), hidden_p, training).to(rd)
 
 
-def layer_forward(h, layout, parts, training, shared, cd, rd):
+def layer_forward(h, layout, parts, training, shared, cd, rd, keep=None):
     """One whole layer (both regions and attention) on packed tokens: the unit that "layer"
-    compilation turns into one graph, reused by every layer (weights are inputs)."""
+    compilation turns into one graph, reused by every layer (weights are inputs). `keep`: the
+    layer's dropout keep-masks drawn ahead (dropout_keep), else None."""
     (query, key, value, heads, head_size, attention_p, out_linear, norm1, inter, ffn, norm2, hidden_p) = parts
-    q, k, v = attention_inputs(h, query, key, value, heads, training, shared, cd)
+    q, k, v = attention_inputs(h, query, key, value, heads, training, shared, cd, None if keep is None else keep[0])
     ctx = attend(q, k, v, layout, attention_p if training else 0.0, head_size ** -0.5)
     return attention_output_and_ffn(ctx.reshape(ctx.shape[0], -1), h, out_linear, norm1, inter, ffn, norm2,
-                                    hidden_p, training, cd, rd)
+                                    hidden_p, training, cd, rd, keep)
 
 
 def _layer_norm(x, norm):
@@ -461,19 +498,33 @@ def encode(bert, h, tokens, options, cd, parts=None):
     head_size = parts[0][4]
     kind = attention_kind(options, tokens, h.device, cd, head_size)
     layout = _dynamic_layout(tokens.attention_layout(kind), compiled)
+    draw = options.keep_masks and training
+    seed = torch.randint(2 ** 62, (1,), device=h.device) if draw and kernels.available(h.device) else None
+
+    def keep(i, layer_parts):
+        """Layer i's keep-masks, drawn ahead of it (None: the layer's own F.dropout draws)."""
+        if not draw:
+            return None
+        query, key, value = layer_parts[:3]
+        lora_p = shared_lora_p(query, key, value) if options.shared_lora_dropout else None
+        return _dynamic(dropout_keep(h, i, seed, lora_p or 0.0, layer_parts[-1]), compiled, 1)
+
     if mode in ("layer", "none"):
         layer = _region("layer_forward", mode == "layer")
-        for layer_parts in parts:
-            h = layer(_dynamic(h, compiled), layout, layer_parts, training, options.shared_lora_dropout, cd, rd)
+        for i, layer_parts in enumerate(parts):
+            h = layer(_dynamic(h, compiled), layout, layer_parts, training, options.shared_lora_dropout, cd, rd,
+                      keep(i, layer_parts))
         return h
     inputs_region = _region("attention_inputs", True)
     output_region = _region("attention_output_and_ffn", True)
-    for (query, key, value, heads, size, attention_p, out, norm1, inter, ffn, norm2, hidden_p) in parts:
+    for i, layer_parts in enumerate(parts):
+        (query, key, value, heads, size, attention_p, out, norm1, inter, ffn, norm2, hidden_p) = layer_parts
+        masks = keep(i, layer_parts)
         q, k, v = inputs_region(_dynamic(h, True), query, key, value, heads, training,
-                                options.shared_lora_dropout, cd)
+                                options.shared_lora_dropout, cd, None if masks is None else masks[0])
         ctx = attend(q, k, v, layout, attention_p if training else 0.0, size ** -0.5)
         h = output_region(_dynamic(ctx.reshape(ctx.shape[0], -1), True), _dynamic(h, True), out, norm1, inter,
-                          ffn, norm2, hidden_p, training, cd, rd)
+                          ffn, norm2, hidden_p, training, cd, rd, masks)
     return h
 
 
@@ -546,11 +597,12 @@ __all__ = ["FastPaths", "Tokens", "packing", "attend", "padded_attention", "varl
            "COMPILE_MODES",
            "attention_inputs", "attention_output_and_ffn", "embeddings_out", "check_encoder",
            "compute_dtype", "encode", "embed_patches", "music_hidden", "text_hidden", "store_frozen_weights",
-           "ATTENTION_MODES", "settings_from_config"]
+           "ATTENTION_MODES", "settings_from_config", "dropout_keep", "shared_lora_p"]
 
 
 def settings_from_config(cfg):
     """The keyword arguments of Clamp3.prepare_for_training from a TrainConfig's speed fields."""
     return dict(fast_encoder=cfg.fast_encoder, compile=cfg.compile_layers, bf16_weights=cfg.bf16_weights,
                 shared_lora_dropout=cfg.shared_lora_dropout, fp32_residual=cfg.fp32_residual,
-                patch_kernel=cfg.patch_kernel, dense_attention=cfg.dense_attention, cuda_graphs=cfg.cuda_graphs)
+                patch_kernel=cfg.patch_kernel, dense_attention=cfg.dense_attention, keep_masks=cfg.keep_masks,
+                cuda_graphs=cfg.cuda_graphs)

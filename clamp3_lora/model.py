@@ -314,7 +314,7 @@ class Clamp3(nn.Module):
 
     def prepare_for_training(self, precision="bf16", fast_encoder=True, compile=True, bf16_weights=True,
                              shared_lora_dropout=True, fp32_residual=False, attention="auto", cuda_graphs=True,
-                             patch_kernel=True, dense_attention=True):
+                             patch_kernel=True, dense_attention=True, keep_masks=True):
         """Switch on the fast paths of the training step (call after add_adapter/load_adapter, on the
         model's final device, before DistributedDataParallel wraps it and before the first step).
 
@@ -333,6 +333,8 @@ class Clamp3(nn.Module):
         attention: "auto", "varlen" or "padded" (see fast.FastPaths).
         dense_attention: batches whose rows are all full run cuDNN's dense attention where it can
             run (Hopper GPUs), instead of varlen flash attention (fast.dense_available).
+        keep_masks: in training, each layer's dropout masks are drawn ahead of it (four elements
+            per random-number call with Triton: kernels.keep_masks) instead of inside its kernels.
         cuda_graphs: CUDA with the fast encoder only: training passes (model.train(), packed batches
             from the collate function) replay CUDA graphs captured per batch shape
             (clamp3_lora/graphs.py); evaluation runs eagerly.
@@ -350,7 +352,8 @@ class Clamp3(nn.Module):
             check_encoder(self.text_model, "text encoder")
             self.fast = FastPaths(compile=mode if cuda else "none", shared_lora_dropout=bool(shared_lora_dropout),
                                   attention=attention, fp32_residual=bool(fp32_residual),
-                                  patch_kernel=bool(patch_kernel), dense_attention=bool(dense_attention))
+                                  patch_kernel=bool(patch_kernel), dense_attention=bool(dense_attention),
+                                  keep_masks=bool(keep_masks))
             if self.fast.compile != "none":
                 # One compiled layer serves every layer, yet it is specialised on a few things (music
                 # or text, the first layer or not, dense or varlen attention, training or evaluation):
@@ -371,6 +374,7 @@ class Clamp3(nn.Module):
                     next(self.parameters()).device)),
                 "attention": self.fast.attention if self.fast else "transformers",
                 "dense_attention": bool(self.fast and self.fast.dense_attention and self._dense_runs(precision)),
+                "keep_masks": bool(self.fast and self.fast.keep_masks),
                 "cuda_graphs": self.graphs is not None}
 
     def _dense_runs(self, precision):

@@ -280,30 +280,39 @@ def test_bf16_storage_keeps_lora_weights_fp32_and_adapters_standard(tmp_path):
     assert all(t.dtype == torch.float32 for t in saved.values())
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_lora_dropout_masks_per_layer(monkeypatch, shared):
+@pytest.mark.parametrize("shared,ahead", [(True, True), (True, False), (False, True), (False, False)])
+def test_lora_dropout_masks_per_layer(monkeypatch, shared, ahead):
     """Shared: one LoRA dropout draw per layer input (for query, key and value together); else one
-    per projection. Hidden/attention dropout are off here, so every draw with p=0.37 is LoRA's."""
+    per projection. With the masks drawn ahead (keep_masks), the shared draw is row 0 of the layer's
+    keep-masks (fast.dropout_keep), else an F.dropout call. Hidden/attention dropout are off here, so
+    every draw with p=0.37 is LoRA's."""
     model = tiny_model(lora_dropout=0.37).train()
     for module in model.modules():
         if isinstance(module, nn.Dropout) and module.p != 0.37:
             module.p = 0.0
-    model.prepare_for_training("fp32", shared_lora_dropout=shared)
-    draws = []
-    real_dropout = torch.nn.functional.dropout
+    model.prepare_for_training("fp32", shared_lora_dropout=shared, keep_masks=ahead)
+    draws, ahead_draws = [], []
+    real_dropout, real_keep = torch.nn.functional.dropout, fast.dropout_keep
 
     def counting(x, p=0.5, training=True, inplace=False):
         if p == 0.37 and training:
             draws.append(tuple(x.shape))
         return real_dropout(x, p, training, inplace)
 
+    def counting_keep(h, layer, seed, lora_p, hidden_p):
+        ahead_draws.append((tuple(h.shape), lora_p, hidden_p))
+        return real_keep(h, layer, seed, lora_p, hidden_p)
+
     monkeypatch.setattr(torch.nn.functional, "dropout", counting)
+    monkeypatch.setattr(fast, "dropout_keep", counting_keep)
     batch = make_batch()
     model.music_features(batch["patches"], batch["patch_mask"])
     layers = model.config.symbolic_layers
-    assert len(draws) == layers * (1 if shared else 3)
     tokens = int(batch["patch_mask"].sum())
-    assert all(shape == (tokens, model.config.symbolic_hidden_size) for shape in draws)
+    shape = (tokens, model.config.symbolic_hidden_size)
+    assert len(draws) == (0 if shared and ahead else layers * (1 if shared else 3))
+    assert all(s == shape for s in draws)
+    assert ahead_draws == ([(shape, 0.37 if shared else 0.0, 0.0)] * layers if ahead else [])
 
 
 def test_training_mode_dropout_is_random_and_eval_is_not():
@@ -327,7 +336,7 @@ def test_prepare_for_training_on_cpu_and_off_switch():
     state = model.prepare_for_training("bf16")
     assert state == {"fast_encoder": True, "compile": "none", "bf16_weights": False,
                      "shared_lora_dropout": True, "fp32_residual": False, "patch_kernel": False,
-                     "attention": "auto", "dense_attention": False, "cuda_graphs": False}
+                     "attention": "auto", "dense_attention": False, "keep_masks": True, "cuda_graphs": False}
     assert model.prepare_for_training("bf16", fast_encoder=False)["fast_encoder"] is False
     assert model.fast is None
     with pytest.raises(Clamp3LoraError, match="attention mode"):

@@ -62,3 +62,52 @@ def test_patch_kernel_equals_embedding_bag_under_the_interpreter():
     result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+
+
+KEEP_SCRIPT = textwrap.dedent("""
+    import torch
+    from clamp3_lora import kernels
+    from clamp3_lora.model import load_model
+
+    assert kernels.available(torch.device("cpu"))
+    seed = torch.tensor([12345], dtype=torch.int64)
+    n = 3 * 4 * kernels.KEEP_BLOCK + 37  # several programs and a tail
+    ps = (0.1, 0.6, 0.1)
+    masks = kernels.keep_masks(seed, 5, n, ps)
+    assert masks.dtype == torch.bool and masks.shape == (3, n)
+    for row, p in zip(masks, ps):
+        kept = row.double().mean().item()
+        assert abs(kept - (1 - p)) <= 5 * (p * (1 - p) / n) ** 0.5, (kept, p)
+    assert torch.equal(masks, kernels.keep_masks(seed, 5, n, ps))          # same seed and layer: same masks
+    for other in (kernels.keep_masks(seed, 6, n, ps), kernels.keep_masks(seed + 1, 5, n, ps)):
+        assert 0.1 < (other[0] != masks[0]).double().mean() < 0.3           # another layer or seed: new draws
+    assert 0.1 < (masks[0] != masks[2]).double().mean() < 0.3               # rows are separate streams
+    block = kernels.KEEP_BLOCK
+    assert not torch.equal(masks[0, :block], masks[0, block:2 * block])     # a call's four numbers differ
+    assert not kernels.keep_masks(seed, 0, 100, (1.0, 1.0, 1.0)).any()
+    assert kernels.keep_masks(seed, 0, 100, (0.0, 0.0, 0.0)).all()
+    assert kernels.keep_masks(seed, 0, 0, ps).shape == (3, 0)
+
+    torch.manual_seed(0)
+    model = load_model(None, preset="tiny", text_model=None)
+    model.add_adapter()
+    model.prepare_for_training("fp32")
+    model.train()
+    patches = torch.randint(0, 128, (3, 9, 64))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 5:] = 0
+    torch.manual_seed(1)
+    first = model.music_features(patches, mask)
+    second = model.music_features(patches, mask)
+    torch.manual_seed(1)
+    again = model.music_features(patches, mask)
+    assert torch.equal(first, again) and not torch.equal(first, second)   # the torch random state decides
+    print("ok")
+""")
+
+
+def test_keep_masks_are_bernoulli_draws_reproducible_from_the_random_state_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", KEEP_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
