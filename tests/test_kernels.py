@@ -1,4 +1,5 @@
-"""The Triton patch-embedding kernel (clamp3_lora/kernels.py) computes embedding_bag's sums.
+"""The Triton kernels (clamp3_lora/kernels.py): the patch embedding computes embedding_bag's sums,
+and the dropout keep-masks are Bernoulli draws reproducible from torch's random state.
 
 Run on the CPU under Triton's interpreter (TRITON_INTERPRET=1, read when the kernel is defined, so
 in a subprocess); skipped where Triton is not installed. The GPU compiles the same kernel: the
@@ -57,11 +58,16 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_patch_kernel_equals_embedding_bag_under_the_interpreter():
+def run_under_the_interpreter(script):
+    """Run `script` in a subprocess with TRITON_INTERPRET=1; assert it ends by printing "ok"."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+
+
+def test_patch_kernel_equals_embedding_bag_under_the_interpreter():
+    run_under_the_interpreter(SCRIPT)
 
 
 KEEP_SCRIPT = textwrap.dedent("""
@@ -107,7 +113,4 @@ KEEP_SCRIPT = textwrap.dedent("""
 
 
 def test_keep_masks_are_bernoulli_draws_reproducible_from_the_random_state_under_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, "-c", KEEP_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+    run_under_the_interpreter(KEEP_SCRIPT)
