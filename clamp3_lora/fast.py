@@ -502,12 +502,12 @@ def encode(bert, h, tokens, options, cd, parts=None):
     seed = torch.randint(2 ** 62, (1,), device=h.device) if draw and kernels.available(h.device) else None
 
     def keep(i, layer_parts):
-        """Layer i's keep-masks, drawn ahead of it (None: the layer's own F.dropout draws)."""
-        if not draw:
-            return None
+        """Layer i's keep-masks, drawn ahead of it (None: the layer's own F.dropout draws, if any)."""
         query, key, value = layer_parts[:3]
-        lora_p = shared_lora_p(query, key, value) if options.shared_lora_dropout else None
-        return _dynamic(dropout_keep(h, i, seed, lora_p or 0.0, layer_parts[-1]), compiled, 1)
+        lora_p = (shared_lora_p(query, key, value) if options.shared_lora_dropout else None) or 0.0
+        if not draw or not (lora_p or layer_parts[-1]):
+            return None
+        return _dynamic(dropout_keep(h, i, seed, lora_p, layer_parts[-1]), compiled, 1)
 
     if mode in ("layer", "none"):
         layer = _region("layer_forward", mode == "layer")

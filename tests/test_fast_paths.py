@@ -284,8 +284,9 @@ def test_bf16_storage_keeps_lora_weights_fp32_and_adapters_standard(tmp_path):
 def test_lora_dropout_masks_per_layer(monkeypatch, shared, ahead):
     """Shared: one LoRA dropout draw per layer input (for query, key and value together); else one
     per projection. With the masks drawn ahead (keep_masks), the shared draw is row 0 of the layer's
-    keep-masks (fast.dropout_keep), else an F.dropout call. Hidden/attention dropout are off here, so
-    every draw with p=0.37 is LoRA's."""
+    keep-masks (fast.dropout_keep), else an F.dropout call; a layer with no dropout drawn ahead (all
+    its p zero) draws no masks. Hidden/attention dropout are off here, so every draw with p=0.37 is
+    LoRA's."""
     model = tiny_model(lora_dropout=0.37).train()
     for module in model.modules():
         if isinstance(module, nn.Dropout) and module.p != 0.37:
@@ -312,7 +313,7 @@ def test_lora_dropout_masks_per_layer(monkeypatch, shared, ahead):
     shape = (tokens, model.config.symbolic_hidden_size)
     assert len(draws) == (0 if shared and ahead else layers * (1 if shared else 3))
     assert all(s == shape for s in draws)
-    assert ahead_draws == ([(shape, 0.37 if shared else 0.0, 0.0)] * layers if ahead else [])
+    assert ahead_draws == ([(shape, 0.37, 0.0)] * layers if shared and ahead else [])  # nothing to draw else
 
 
 def test_training_mode_dropout_is_random_and_eval_is_not():
