@@ -172,7 +172,8 @@ class _Captured:
 class _Replay(torch.autograd.Function):
     """The captured music pass as one autograd node: forward replays the forward graph, backward the
     backward graph. The outputs are copied out of the graph's static buffers (the next replay
-    overwrites them; gradient accumulation adds the copies)."""
+    overwrites them; gradient accumulation adds the copies): the LoRA gradients in one copy, each
+    parameter's gradient a view of it."""
 
     @staticmethod
     def forward(ctx, captured, *params):
@@ -186,7 +187,13 @@ class _Replay(torch.autograd.Function):
         captured = ctx.captured
         captured.grad_output.copy_(grad)
         captured.backward.replay()
-        return (None,) + tuple(g.clone() for g in captured.grads)
+        grads = captured.grads
+        if len({(g.dtype, g.device) for g in grads}) != 1:
+            return (None,) + tuple(g.clone() for g in grads)
+        # One copy of all the LoRA gradients out of the static buffers (one kernel instead of one
+        # per tensor); each parameter gets a view of it.
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        return (None,) + tuple(part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads))
 
 
 class EncoderGraphs:

@@ -201,6 +201,8 @@ def test_graph_replays_give_the_fast_path_features_and_accumulate_gradients_corr
             clip_loss(music, text).backward()
             features.append((music.detach(), text))
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        if via_graphs:   # copied out of the graph's buffers at once: the gradients share one storage
+            assert len({p.grad.untyped_storage().data_ptr() for p in model.parameters() if p.requires_grad}) == 1
         return features, grads, model.graphs
 
     batches = [first, second, other]
