@@ -681,10 +681,22 @@ def memory_in_fresh_process(args, spec, name):
     memory without what the sections before it left in this process's allocator."""
     command = [sys.executable, str(Path(__file__).resolve()), "--row", f"{name}:{spec['naive_batch']}",
                "--device", args.device] + (["--smoke"] if args.smoke else [])
+    return json.loads(run_child(command).stdout.strip().splitlines()[-1])
+
+
+def run_child(command):
+    """The finished child process of `command` (output captured); an error with its stderr's tail
+    if it failed."""
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return done
+
+
+def random_samples(dataset, size, rng):
+    """`size` training samples of random records with random sample seeds (keys as the trainer's
+    sampler gives them)."""
+    return [dataset[(rng.randrange(len(dataset.records)), rng.randrange(2 ** 31))] for _ in range(size)]
 
 
 def demo_batches(tokenizer, size, count, device, seed=0, vocab=None):
@@ -697,7 +709,7 @@ def demo_batches(tokenizer, size, count, device, seed=0, vocab=None):
     collate = Collator(tokenizer.pad_token_id)
     out, lengths, text_lengths = [], [], []
     for _ in range(count):
-        items = [dataset[(rng.randrange(len(records)), rng.randrange(2 ** 31))] for _ in range(size)]
+        items = random_samples(dataset, size, rng)
         if vocab is not None:  # a word-level stand-in tokenizer may outgrow a tiny model's vocabulary
             for item in items:
                 item["text_ids"] = torch.where(item["text_ids"] < vocab, item["text_ids"], 3)
@@ -771,7 +783,7 @@ def trainer_data(folder, spec, size):
     return train, evaluation
 
 
-def trainer_rate(spec, device, folder, size):
+def trainer_rate(config, state, spec, device, folder, size):
     """The trainer (a child process) for one epoch of trainer_steps batches of `size`: its median
     step (ms) and its samples/s over the epoch after the first 20 steps (periodic checkpoints
     included), from the times its step log implies (samples so far / the epoch's running rate);
@@ -785,9 +797,7 @@ def trainer_rate(spec, device, folder, size):
                "--num-workers", str(max(spec["workers"])), "--output-dir", str(Path(folder) / "run"),
                "--device", device.type]
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    run_child(command)
     wall = time.perf_counter() - started
     steps = [json.loads(line) for line in
              (Path(folder) / "run" / "logs" / "lora" / "MTF_steps.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -802,15 +812,13 @@ def trainer_rate(spec, device, folder, size):
     row = {"variant": "trainer", "batch": size, "steps": len(steps), "median_step_ms": trainer_ms,
            "samples_per_s_median_step": size / trainer_ms * 1000,
            "samples_per_s_epoch": size * len(durations) / sum(durations), "wall_s": wall}
-    config, state = base_state(spec["preset"])
     tokenizer = load_tokenizer(str(tokenizer_dir))
     records = scan_data_file(train).records
     dataset = MusicTextDataset(records, tokenizer, train=True, max_patches=spec["length"],
                                max_text_tokens=spec["text_tokens"])
     rng = random.Random(0)
     collate = Collator(tokenizer.pad_token_id)
-    batches = [pinned(collate([dataset[(rng.randrange(len(records)), rng.randrange(2 ** 31))] for _ in range(size)]),
-                      device) for _ in range(3)]
+    batches = [pinned(collate(random_samples(dataset, size, rng)), device) for _ in range(3)]
     model = build(config, state, device, "fast")
     step = real_step(model, device)
     ms, _, _ = time_steps(step, batches, device, spec["warmup"], spec["blocks"], spec["steps"])
@@ -1024,7 +1032,7 @@ def main(argv=None):
             f"{spec['naive_batch']}, long MTF pieces) against real_step on the same data")
         try:
             with tempfile.TemporaryDirectory() as folder:
-                row = trainer_rate(spec, device, folder, spec["naive_batch"])
+                row = trainer_rate(config, state, spec, device, folder, spec["naive_batch"])
             log(f"  trainer: median step {row['median_step_ms']:.2f} ms = {row['samples_per_s_median_step']:.1f} "
                 f"samples/s; {row['samples_per_s_epoch']:.1f} samples/s over the epoch after its first steps "
                 f"(periodic checkpoints included); real_step on batches of the same data: {row['real_step_ms']:.2f} "

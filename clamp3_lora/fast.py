@@ -263,7 +263,8 @@ def dropout_keep(h, layer, seed, lora_p, hidden_p):
     ps = (lora_p, hidden_p, hidden_p)
     if seed is not None:
         return kernels.keep_masks(seed, layer, h.numel(), ps).view(3, *h.shape)
-    return torch.rand((3,) + tuple(h.shape), device=h.device) >= torch.tensor(ps, device=h.device).view(3, 1, 1)
+    uniform = torch.rand((3,) + tuple(h.shape), device=h.device)
+    return torch.stack([row >= p for row, p in zip(uniform, ps)])  # no host tensor: CUDA-graph safe
 
 
 def attention_inputs(h, query, key, value, heads, training, shared, cd, keep=None):
