@@ -21,6 +21,10 @@ of the LoRA weights), the frozen text side forward only. Capturing runs the pass
 first (compilation, lazy initialisation) and restores the CUDA random state afterwards, so a run
 resumed from a checkpoint draws the same dropout masks as an uninterrupted one. Dropout inside a
 graph draws fresh masks at every replay (the generator's offset advances per replay).
+
+The graphs share one memory pool and, captured on torch's one capture stream, one cuBLAS workspace:
+they must replay one after another on one stream (two at once on two streams overwrite each other's
+memory; BENCHMARKS.md, run 18).
 """
 import torch
 import torch.nn.functional as F
