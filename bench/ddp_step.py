@@ -9,12 +9,12 @@ Each process does what the trainer does under torchrun, and nothing else:
   --device cpu);
 - builds the same model on every rank: the full-size preset with random weights and an adapter with
   random B matrices (bench/train_step.base_state, seed 0), prepared with the project's default fast
-  paths, whatever they are (bench/train_step.build -> Clamp3.prepare_for_training("bf16") with its
+  paths, whatever they are (bench/train_step.build -> clamp3_lora.speed.accelerate(model, "bf16") with its
   defaults, as the trainer calls it with config.py's defaults);
 - wraps it in DistributedDataParallel with clamp3_lora.train.wrap_ddp;
 - times bench/train_step.real_step, the trainer's step (to_device, bf16 autocast, forward_loss with
   gather=distributed.gather_with_grad, so the CLIP loss sees the global batch, backward with DDP's
-  gradient all-reduce, train.clip_and_read, AdamW step) on random full-length batches: 512 patches and
+  gradient all-reduce, the one host read, AdamW step: clamp3_lora.step.Step) on random full-length batches: 512 patches and
   128 text tokens per sample, --batch samples per rank, different samples on each rank.
 
 Timing is bench/train_step.time_steps: --warmup steps first (torch.compile, DDP's bucket set-up), then

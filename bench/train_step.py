@@ -15,7 +15,7 @@ In ONE process on one device it measures and prints a table, writing everything 
    + GradScaler, eager attention, text encoder run as a plain forward, batch 32.
 4. real: the project's training step as the trainer runs it -- clamp3_lora.step.to_device /
    autocast / forward_loss, AdamW over model.trainable_parameters(), backward, clip, step -- on
-   the full-size model (random weights) prepared by Clamp3.prepare_for_training; 512 patches,
+   the full-size model (random weights) prepared by clamp3_lora.speed.accelerate; 512 patches,
    batches 32/64/128: samples/s, ms/step, peak GPU memory, MFU. Memory: peak allocated, and the
    peak the allocator reserved (the CUDA graphs keep their activations in a pool of their own).
    The memory section times batch 32 again in a fresh process (--row): the reserved figure
@@ -59,10 +59,10 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from clamp3_lora.data import Collator, MusicTextDataset, add_packing, make_loader, scan_data_file  # noqa: E402
 from clamp3_lora.model import Clamp3, _skip_weight_init, clip_loss, load_model, load_tokenizer, masked_mean  # noqa: E402
-from clamp3_lora.step import (autocast, contrastive_loss, forward_loss, local_features, packed_of,  # noqa: E402
-                               to_device, unwrap)
-from clamp3_lora.step import text_ahead as step_text_ahead  # noqa: E402
-from clamp3_lora.train import clip_and_read, make_optimizer  # noqa: E402
+from clamp3_lora.precision import autocast, grad_scaler  # noqa: E402
+from clamp3_lora.speed import accelerate  # noqa: E402
+from clamp3_lora.step import Step, forward_loss, packed_of, to_device, unwrap  # noqa: E402
+from clamp3_lora.train import make_optimizer  # noqa: E402
 
 GIB = 1024 ** 3
 
@@ -75,12 +75,11 @@ SMOKE = dict(preset="tiny", length=64, text_tokens=32, batches=(4, 8), lever_bat
              ceiling_n=256, workers=(0, 1), data_seconds=0.5, long_pieces=4, demo_batches=3, item_samples=2,
              trainer_steps=8)
 
-# The levers: keyword arguments of Clamp3.prepare_for_training; "fast" is the configured default.
+# The levers: SpeedConfig switches (clamp3_lora/config.py) over the defaults; "fast" is the default.
 VARIANTS = {  # in the order the levers section times them
     "fast": {},
     "plain": dict(fast_encoder=False, bf16_weights=True),
-    "fast_regions": dict(compile="regions"),
-    "fast_eager": dict(compile=False),
+    "fast_eager": dict(compile_layers=False),
     "fast_fp32_residual": dict(fp32_residual=True),
     "fast_per_proj_dropout": dict(shared_lora_dropout=False),
     "plain_fp32w": dict(fast_encoder=False, bf16_weights=False),
@@ -92,11 +91,11 @@ VARIANTS = {  # in the order the levers section times them
     "fast_varlen_attn": dict(dense_attention=False),
     "fast_no_keep_masks": dict(keep_masks=False),
 }
-STEP_LEVERS = ("text_ahead",)  # levers of the step (real_step's arguments), not of prepare_for_training
+STEP_LEVERS = ("text_ahead",)  # switches of the step (step.Step), not of the model's speed paths
 
 
 def model_levers(variant):
-    """The variant's keyword arguments of Clamp3.prepare_for_training (its step levers left out)."""
+    """The variant's switches of the model's speed paths (speed.accelerate; its step switches left out)."""
     return {k: v for k, v in VARIANTS[variant].items() if k not in STEP_LEVERS}
 
 
@@ -105,7 +104,6 @@ DESCRIPTIONS = {
     "fast": "project default: packed tokens + varlen flash (cuDNN dense attention for full rows), each layer compiled, bf16 weights, shared LoRA dropout "
             "fused into the q/k/v matmul, bf16 residual, Triton patch embedding, dropout masks drawn ahead, CUDA graphs",
     "fast_no_graphs": "default without CUDA graphs (eager launches of the compiled layers)",
-    "fast_regions": "default, but compiling the two regions around attention (attention outside)",
     "plain_fp32w": "plain transformers forward (SDPA), bf16 autocast, fp32 weights",
     "plain": "plain transformers forward (SDPA), bf16 autocast, bf16 weights",
     "fast_eager": "default without torch.compile of the layer regions",
@@ -197,7 +195,7 @@ def build(config, state, device, variant=None, precision="bf16"):
     model.load_state_dict(state)
     model = model.to(device)
     if variant is not None:
-        model.prepare_for_training(precision, **model_levers(variant))
+        accelerate(model, precision, **model_levers(variant))
     return model
 
 
@@ -214,52 +212,23 @@ def set_eager_attention(model):
 
 
 def real_step(model, device, precision="bf16", max_grad_norm=1.0, gather=None, text_ahead=True):
-    """The trainer's step: to_device, autocast + forward_loss, (scaled) backward, clip, AdamW step,
-    zero_grad (clamp3_lora/train.py's loop without its bookkeeping; symbolic encoder in training
-    mode, text encoder in eval mode, as the trainer sets them). As the trainer does for a one-batch
-    step without a GradScaler, loss and gradient norm are read together after the backward pass
-    (train.clip_and_read: one host sync per step), and with `text_ahead` (the trainer's
-    --text-ahead) the next batch's copy and frozen text pass are queued behind that read
-    (step.text_ahead); with fp16 the GradScaler path reads them apart. step(batch, following)
-    takes the batch after this one as the trainer's loop sees it.
-    Under torchrun (bench/ddp_step.py) `model` is the DistributedDataParallel wrapper and `gather`
+    """The trainer's own step object (clamp3_lora.step.Step: forward, guards, backward, clip, update,
+    the next batch's text pass queued behind the one host read), with the trainer's optimizer
+    (fused AdamW on CUDA), the symbolic encoder in training mode and the text encoder in eval mode,
+    as the trainer sets them; no schedule. step(batch, following) runs one batch (`following`: the
+    batch after it, as the trainer's loop sees it) and returns its loss. Under torchrun
+    (bench/ddp_step.py) `model` is the DistributedDataParallel wrapper and `gather`
     distributed.gather_with_grad, as in the trainer; by default one process, no gather."""
     inner = unwrap(model)
-    params = inner.trainable_parameters()
-    optimizer = make_optimizer(params, 1e-4, 0.01, device)  # the trainer's (fused AdamW on CUDA)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
+    optimizer = make_optimizer(inner.trainable_parameters(), 1e-4, 0.01, device)
     model.train()
     inner.text_model.eval()  # as the trainer does: the frozen text side runs without dropout
-
-    ahead = {}  # id of a cpu batch -> (device batch, text features), made during the previous read
+    trainer_step = Step(inner, optimizer, None, grad_scaler(device, precision), precision, max_grad_norm, device,
+                        train_model=model, gather=gather, text_ahead=text_ahead)
 
     def step(cpu_batch, following=None):
-        batch, text = ahead.pop(id(cpu_batch), (None, None))
-        ahead.clear()
-        if batch is None:
-            batch = to_device(cpu_batch, device)
-        with autocast(device, precision):
-            music, text = local_features(model, batch, text)
-            loss = contrastive_loss(music, text, gather)
-        if scaler.is_enabled():
-            value = loss.item()
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-        elif text_ahead and following is not None:
-            loss.backward()
-            (value, norm), made = clip_and_read(loss, params, max_grad_norm,
-                                                lambda: step_text_ahead(model, following, device, precision))
-            if made is not None:
-                ahead[id(following)] = made
-        else:
-            loss.backward()
-            value, norm = clip_and_read(loss, params, max_grad_norm)
-        if math.isfinite(value) and math.isfinite(norm):
-            scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        return value
+        after = None if following is None else (id(following), following)
+        return trainer_step.run(cpu_batch, key=id(cpu_batch), following=after).loss
     return step
 
 
@@ -555,7 +524,7 @@ def run_checks(config, state, device, spec, variants):
         del model
         free(device)
         fp32_fast = build(config, state, device)
-        fp32_fast.prepare_for_training("fp32", compile=False)
+        accelerate(fp32_fast, "fp32", compile_layers=False)
         results["fast_fp32"] = compare(outputs(fp32_fast, batch, device, "fp32"), ref)
         results["fast_fp32"]["fp32_path"] = True
         del fp32_fast
@@ -579,7 +548,7 @@ def run_checks(config, state, device, spec, variants):
                 continue
             try:
                 model = build(config, state, device)
-                model.prepare_for_training("bf16", **{**model_levers(name), **({} if name == "fast" else {"compile": False})})
+                accelerate(model, "bf16", **{**model_levers(name), **({} if name == "fast" else {"compile_layers": False})})
                 results[name] = compare(outputs(model, batch, device, "bf16"), ref)
             except Exception as error:  # noqa: BLE001 -- recorded, printed, and the variant is not timed
                 results[name] = failure(name, error)
@@ -610,7 +579,7 @@ def count_flops(config, state, device, spec):
     batch = full_batches(size, spec["length"], spec["text_tokens"], device, count=1,
                          vocab=config.text_vocab_size)[0]
     model = build(config, state, device)
-    model.prepare_for_training("bf16", compile=False, cuda_graphs=False)  # graph replays hide their kernels
+    accelerate(model, "bf16", compile_layers=False, cuda_graphs=False)  # graph replays hide their kernels
     step = real_step(model, device)
     step(batch)
     with FlopCounterMode(display=False) as counter:

@@ -12,7 +12,7 @@ The path of a piece of data through this module:
    window, instrument-name removal, patch window) is drawn from `random.Random(sample_seed)`, so the
    same key gives the same sample in any worker and after a resume.
 3. `collate` pads a list of samples to the batch's longest piece and longest text.
-4. `make_loader` wraps it all in a `torch.utils.data.DataLoader` with worker processes and pinned
+4. `make_loader` (keys) and `make_batch_loader` (batches of keys, the trainer's) wrap it all in a `torch.utils.data.DataLoader` with worker processes and pinned
    memory; the sampler (e.g. `distributed.ResumableSampler`, or `SequentialKeys` for evaluation)
    yields the keys.
 """
@@ -21,6 +21,7 @@ import json
 import operator
 import os
 import random
+import signal
 from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -32,9 +33,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from .errors import DataError, MusicFormatError
-from .fast import packing
 from .mtf import MIDI_SUFFIXES, read_music
 from .patches import BOS_ID, EOS_ID, patch_array, patchify, remove_instrument_info, window
+from .speed.packing import packing
 
 REASONS = ("invalid_json", "not_object", "no_music_path", "no_text", "missing_file",
            "unreadable_file", "empty_file", "no_patches")
@@ -686,3 +687,22 @@ def make_loader(dataset, sampler, batch_size, num_workers=0, pin_memory=True, co
                       collate_fn=collate_fn, pin_memory=pin_memory and torch.cuda.is_available(),
                       drop_last=drop_last, persistent_workers=workers,
                       prefetch_factor=prefetch_factor if workers else None)
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader worker start: leave SIGINT/SIGTERM to the main process, which stops cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def make_batch_loader(dataset, batch_sampler, num_workers, device):
+    """The trainer's DataLoader over a sampler of batches of keys (distributed.ResumableSampler):
+    workers that leave stop signals to the main process, pinned memory on the GPU. Its own
+    generator keeps the global RNG untouched (so resumed runs draw the same dropout masks)."""
+    workers = num_workers > 0
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+                      collate_fn=Collator(dataset.tokenizer.pad_token_id),
+                      pin_memory=torch.device(device).type == "cuda", persistent_workers=workers,
+                      prefetch_factor=4 if workers else None,
+                      worker_init_fn=ignore_stop_signals if workers else None,
+                      generator=torch.Generator())

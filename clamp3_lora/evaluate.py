@@ -27,16 +27,17 @@ from matplotlib.figure import Figure
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
-from config import TrainConfig
+from .config import TrainConfig, demo_overrides
 from .data import evaluation_text, scan_data_file, special_token_ids
 from .errors import Clamp3LoraError, MusicFormatError
 from .logs import atomic_write_bytes, atomic_write_json, atomic_write_text
-from .metrics import METRIC_NAMES, retrieval_metrics
+from .metrics import METRIC_NAMES, chance_metrics, retrieval_metrics
 from .model import TRAINING_RECORD, load_model
 from .mtf import MIDI_SUFFIXES, read_music
 from .patches import patchify
 from .prepare import default_workers, find_files, run_parallel
-from .step import autocast, to_device
+from .precision import PRECISIONS, autocast, default_for
+from .step import to_device
 
 MUSIC_SUFFIXES = (".abc", ".mtf") + MIDI_SUFFIXES
 TEXT_SUFFIXES = (".txt",)
@@ -172,13 +173,6 @@ def resolve_device(name):
     return device
 
 
-def resolve_precision(precision, device):
-    """The autocast precision: the given one, else bf16 on CUDA and fp32 on the CPU."""
-    if precision:
-        return precision
-    return "bf16" if device.type == "cuda" else "fp32"
-
-
 def build_model(args, device):
     """The base model of the command line: --weights (official checkpoint), or a random --preset
     model seeded with --seed when no weights are given; tokenizer from --text-model."""
@@ -272,15 +266,16 @@ def evaluate(model, adapters, patches, text_ids, device, precision, batch_size=3
     return results
 
 
-def format_table(results):
-    """Metrics as a text table: one row per metric, one column per model; adapter columns also
-    show the difference from the base model."""
+def format_table(results, pairs):
+    """Metrics as a text table: one row per metric, one column per model, and the chance level of a
+    random ranking of `pairs` pairs; adapter columns also show the difference from the base model."""
     base = results[0]["metrics"]
-    header = ["metric"] + [result["name"] for result in results]
+    chance = chance_metrics(pairs)
+    header = ["metric", "chance"] + [result["name"] for result in results]
     rows = []
     for name in METRIC_NAMES:
         digits = 2 if name.endswith("_rank") else 4
-        cells = [name, f"{base[name]:.{digits}f}"]
+        cells = [name, f"{chance[name]:.{digits}f}", f"{base[name]:.{digits}f}"]
         for result in results[1:]:
             value = result["metrics"][name]
             cells.append(f"{value:.{digits}f} ({value - base[name]:+.{digits}f})")
@@ -289,12 +284,13 @@ def format_table(results):
     lines = ["  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
                        for i, (cell, width) in enumerate(zip(row, widths))) for row in [header] + rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+    return "\n".join(lines + [f"chance: the expected score of a random ranking of {pairs} pairs"])
 
 
-def draw_chart(results, title):
+def draw_chart(results, title, pairs):
     """A PNG (bytes) of grouped bars: MRR and Hit@1/5/10 for text->music and music->text, one bar
-    colour per model."""
+    colour per model, and a dashed black mark at each metric's chance level for `pairs` pairs."""
+    chance = chance_metrics(pairs)
     figure = Figure(figsize=(11, 4.8), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, 2, sharey=True)
@@ -305,6 +301,9 @@ def draw_chart(results, title):
             values = [result["metrics"][f"{direction}_{key}"] for key, _ in CHART_METRICS]
             bars = axis.bar([i + offset for i in range(len(CHART_METRICS))], values, width, label=result["name"])
             axis.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+        for i, (key, _) in enumerate(CHART_METRICS):
+            axis.hlines(chance[f"{direction}_{key}"], i - 0.45, i + 0.45, colors="black", linestyles="--",
+                        linewidth=1, label="chance" if i == 0 else None)
         axis.set_xticks(range(len(CHART_METRICS)), [name for _, name in CHART_METRICS])
         axis.set_ylim(0, 1.1)
         axis.set_title(label)
@@ -323,17 +322,17 @@ def write_report(results, summary, out_dir, name):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {kind: out_dir / f"{name}.{kind}" for kind in ("txt", "json", "png")}
-    atomic_write_text(paths["txt"], format_table(results) + "\n")
-    atomic_write_json(paths["json"], dict(summary, results=results))
-    title = f"{Path(summary['data']).name}: {summary['pairs']} text-music pairs"
-    atomic_write_bytes(paths["png"], draw_chart(results, title))
+    atomic_write_text(paths["txt"], format_table(results, summary["pairs"]) + "\n")
+    atomic_write_json(paths["json"], dict(summary, chance=chance_metrics(summary["pairs"]), results=results))
+    title = f"{Path(summary['data']).name}: {summary['pairs']} text-music pairs (dashed: chance)"
+    atomic_write_bytes(paths["png"], draw_chart(results, title, summary["pairs"]))
     return paths
 
 
 def cmd_evaluate(args):
     """The evaluation command: load, encode, compare, print the table, write the report."""
     device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)
+    precision = args.precision or default_for(device)
     model = build_model(args, device)
     check_segment_lengths(model, args.max_patches, args.max_text_tokens)
     progress = not args.quiet
@@ -341,6 +340,9 @@ def cmd_evaluate(args):
                                               args.workers, progress)
     if scan.bad:
         print(scan.summary(), file=sys.stderr)
+    if len(patches) < 2:
+        raise Clamp3LoraError(f"{args.data}: {len(patches)} usable text-music pair(s); retrieval ranks each "
+                              "text among the pieces, which needs at least 2")
     results = evaluate(model, args.adapter or [], patches, text_ids, device, precision, args.batch_size,
                        args.max_patches, args.max_text_tokens, progress)
     summary = {
@@ -358,7 +360,7 @@ def cmd_evaluate(args):
     print(f"{args.data}: {len(patches)} pairs ({summary['segments']['long_pieces']} pieces over "
           f"{args.max_patches} patches and {summary['segments']['long_texts']} texts over "
           f"{args.max_text_tokens} tokens encoded in segments)")
-    print(format_table(results))
+    print(format_table(results, len(patches)))
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0
 
@@ -441,7 +443,7 @@ def cmd_embed(args):
     """The embed command: features of every input file to OUT_DIR/<name>.npy; exit 1 when a file
     could not be embedded (its error listed and written to OUT_DIR/embed_errors.txt)."""
     device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)
+    precision = args.precision or default_for(device)
     files = collect_embed_inputs(args.inputs)
     model = build_model(args, device)
     check_segment_lengths(model, args.max_patches, args.max_text_tokens)
@@ -482,23 +484,38 @@ def cmd_embed(args):
 def add_model_flags(parser):
     """Flags shared by evaluation and embed: the model, device, precision, batching, segments."""
     defaults = TrainConfig()
+    demo = demo_overrides()
+    parser.add_argument("--demo", action="store_true",
+                        help=f"the demo's model: base {demo['weights']}, tokenizer {demo['text_model']}, "
+                             f"{demo['max_patches']} patches per segment (flags given explicitly win)")
     parser.add_argument("--weights", default=None,
                         help=f"official CLaMP 3 checkpoint (default: {defaults.weights}; with --preset "
                              "and no --weights: a random model of that preset)")
     parser.add_argument("--preset", default="", help="model preset (\"tiny\": the demo/test size)")
     parser.add_argument("--seed", type=int, default=0, help="seed of a random --preset model's weights")
-    parser.add_argument("--text-model", default=defaults.text_model,
-                        help="tokenizer: hub id or local folder (demo/tokenizer for the tiny preset)")
+    parser.add_argument("--text-model", default=None,
+                        help=f"tokenizer: hub id or local folder (default: {defaults.text_model}; demo/tokenizer "
+                             "for the tiny preset)")
     parser.add_argument("--device", default="cuda",
                         help="cuda (default; fails without a GPU), cuda:N, or cpu (explicit opt-in)")
-    parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="autocast precision (default: bf16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--batch-size", type=int, default=64, help="segments encoded per batch")
-    parser.add_argument("--max-patches", type=int, default=TrainConfig.max_patches,
-                        help="patches per segment of a long piece")
+    parser.add_argument("--max-patches", type=int, default=None,
+                        help=f"patches per segment of a long piece (default: {defaults.max_patches})")
     parser.add_argument("--max-text-tokens", type=int, default=TrainConfig.max_text_tokens,
                         help="tokens per segment of a long text")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def apply_defaults(args):
+    """Fill the model flags left unset: from the demo set-up with --demo, else the trainer's defaults."""
+    defaults = TrainConfig()
+    demo = demo_overrides() if args.demo else {}
+    if args.weights is None and args.demo and not args.preset:
+        args.weights = demo["weights"]
+    args.text_model = args.text_model or demo.get("text_model", defaults.text_model)
+    args.max_patches = args.max_patches or demo.get("max_patches", defaults.max_patches)
 
 
 def build_parser():
@@ -544,6 +561,7 @@ def main(argv=None):
         args, command = build_embed_parser().parse_args(argv[1:]), cmd_embed
     else:
         args, command = build_parser().parse_args(argv), cmd_evaluate
+    apply_defaults(args)
     try:
         return command(args)
     except Clamp3LoraError as error:

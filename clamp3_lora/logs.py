@@ -23,7 +23,8 @@ from matplotlib.ticker import MaxNLocator
 GB = 1024 ** 3
 # Keys of an epoch entry that the block prints in its own fixed lines; any other scalar key is
 # printed after them as "key: value".
-BLOCK_KEYS = ("epoch", "train_loss", "eval_loss", "time", "timestamp", "gpu_memory", "metrics", "skipped")
+BLOCK_KEYS = ("epoch", "train_loss", "eval_loss", "time", "timestamp", "gpu_memory", "metrics", "chance", "skipped",
+              "base_model")
 CURVE_METRICS = ("t2m_mrr", "m2t_mrr", "t2m_hit@1", "m2t_hit@1", "t2m_hit@10", "m2t_hit@10")
 MAX_STEP_POINTS = 5000
 
@@ -102,7 +103,7 @@ def epoch_block(entry, total_epochs):
     skipped batches and any other scalar fields of the entry)."""
     memory = entry.get("gpu_memory") or {}
     lines = [
-        f"Epoch {entry['epoch']}/{total_epochs}",
+        f"Epoch {entry['epoch']}/{total_epochs}" + (" (base model, before training)" if entry.get("base_model") else ""),
         f"Train Loss: {format_number(entry.get('train_loss'))}",
         f"Eval Loss: {format_number(entry.get('eval_loss'))}",
         f"Time: {entry.get('time', 0.0):.1f}s",
@@ -111,8 +112,10 @@ def epoch_block(entry, total_epochs):
         f"GPU Memory Reserved: {memory.get('reserved_gb', 0.0):.2f} GB",
         f"GPU Memory Peak: {memory.get('peak_gb', 0.0):.2f} GB",
     ]
+    chance = entry.get("chance") or {}
     for name, value in (entry.get("metrics") or {}).items():
-        lines.append(f"{name}: {format_number(value, 4)}")
+        beside = f" (chance {format_number(chance[name], 4)})" if name in chance else ""
+        lines.append(f"{name}: {format_number(value, 4)}{beside}")
     skipped = entry.get("skipped")
     if skipped is not None:
         if isinstance(skipped, dict):
@@ -170,8 +173,13 @@ def draw_curves(stage, history, steps):
     for name in CURVE_METRICS:
         xs, ys = finite_points(epochs, [(entry.get("metrics") or {}).get(name) for entry in history])
         if xs:
-            metrics.plot(xs, ys, marker="o", label=name)
-    metrics.set(title=f"{stage} retrieval (eval)", xlabel="epoch", ylim=(0, 1.02))
+            line, = metrics.plot(xs, ys, marker="o", label=name)
+            chance = (history[-1].get("chance") or {}).get(name)
+            if chance is not None:
+                metrics.axhline(chance, color=line.get_color(), linestyle="--", linewidth=0.8)
+    pairs = history[-1].get("eval_pairs") if history else None
+    chance_note = f"; dashed: chance, {pairs} pairs" if pairs else ""
+    metrics.set(title=f"{stage} retrieval (eval{chance_note})", xlabel="epoch", ylim=(0, 1.02))
     metrics.xaxis.set_major_locator(MaxNLocator(integer=True))
     if metrics.lines:
         metrics.legend(fontsize="small")

@@ -31,11 +31,7 @@ from safetensors.torch import save_file as save_safetensors
 from torch import nn
 from transformers import BertConfig, BertModel, XLMRobertaConfig, XLMRobertaModel
 
-from . import kernels
 from .errors import CheckpointError, Clamp3LoraError
-from .fast import (ATTENTION_MODES, COMPILE_MODES, FastPaths, check_encoder, dense_available, music_hidden,
-                   store_frozen_weights, text_hidden)
-from .graphs import EncoderGraphs
 
 PATCH_SIZE = 64
 """Characters per patch; fixed by the M3 patch format."""
@@ -254,8 +250,12 @@ class Clamp3(nn.Module):
         self.config = config
         self.tokenizer = tokenizer
         self.base_checkpoint = None  # identity of the weights this model was loaded from (for records)
-        self.fast = None  # FastPaths once prepare_for_training switched them on; None: transformers forward
-        self.graphs = None  # graphs.EncoderGraphs when prepare_for_training switched CUDA graphs on
+        # The speed paths, set by clamp3_lora.speed.accelerate (this module knows nothing of them):
+        # `fast` computes the encoders' hidden states (.text_hidden / .music_hidden), `graphs`
+        # replays training passes as CUDA graphs (.text / .music / .lay_out_music). None: the plain
+        # transformers forward.
+        self.fast = None
+        self.graphs = None
         self.text_model = XLMRobertaModel(config.text_config(), add_pooling_layer=True)
         self.text_proj = nn.Linear(config.text_hidden_size, config.projection_size)
         self.symbolic_model = SymbolicEncoder(config)
@@ -280,7 +280,7 @@ class Clamp3(nn.Module):
             if self.graphs is not None and self.training and frozen and packed is not None:
                 return self.graphs.text(input_ids, attention_mask, packed)
             if self.fast is not None:
-                hidden = text_hidden(self.text_model, input_ids, attention_mask, self.fast, packed)
+                hidden = self.fast.text_hidden(self.text_model, input_ids, attention_mask, packed)
             else:
                 hidden = self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             return _apply_linear(self.text_proj, masked_mean(hidden, attention_mask))
@@ -292,7 +292,7 @@ class Clamp3(nn.Module):
         if self.graphs is not None and self.training and torch.is_grad_enabled() and packed is not None:
             return self.graphs.music(patches, patch_mask, packed)
         if self.fast is not None:
-            hidden = music_hidden(self.symbolic_model, patches, patch_mask, self.fast, packed)
+            hidden = self.fast.music_hidden(self.symbolic_model, patches, patch_mask, packed)
         else:
             hidden = self.symbolic_model(patches, patch_mask)
         return _apply_linear(self.symbolic_proj, masked_mean(hidden, patch_mask))
@@ -309,79 +309,6 @@ class Clamp3(nn.Module):
         music = self.music_features(patches, patch_mask, packed)
         text = None if input_ids is None else self.text_features(input_ids, attention_mask, text_packed)
         return music, text
-
-    # --- fast paths -------------------------------------------------------------------------
-
-    def prepare_for_training(self, precision="bf16", fast_encoder=True, compile=True, bf16_weights=True,
-                             shared_lora_dropout=True, fp32_residual=False, attention="auto", cuda_graphs=True,
-                             patch_kernel=True, dense_attention=True, keep_masks=True):
-        """Switch on the fast paths of the training step (call after add_adapter/load_adapter, on the
-        model's final device, before DistributedDataParallel wraps it and before the first step).
-
-        fast_encoder: both encoders run on packed real tokens (no compute on padding), fused
-            layers, varlen flash attention on CUDA (clamp3_lora/fast.py).
-        compile: CUDA only. True or "layer": torch.compile each layer as one graph (attention in it
-            as the opaque aten flash kernel); "regions": compile the two regions around attention
-            (attention outside); False or "none": eager.
-        bf16_weights: with precision "bf16" on CUDA, store the frozen matrices in bf16 once (no
-            per-step casts, half the memory); LoRA weights stay fp32. Run the model inside
-            step.autocast(device, "bf16") afterwards, as the trainer does.
-        shared_lora_dropout: one LoRA dropout mask per layer input for query/key/value.
-        fp32_residual: keep the fast encoder's residual stream in fp32 (default: the compute dtype).
-        patch_kernel: the fast encoder sums the patch embedding with a Triton kernel where Triton
-            can run (CUDA), instead of embedding_bag (clamp3_lora/kernels.py).
-        attention: "auto", "varlen" or "padded" (see fast.FastPaths).
-        dense_attention: batches whose rows are all full run cuDNN's dense attention where it can
-            run (Hopper GPUs), instead of varlen flash attention (fast.dense_available).
-        keep_masks: in training, each layer's dropout masks are drawn ahead of it (four elements
-            per random-number call with Triton: kernels.keep_masks) instead of inside its kernels.
-        cuda_graphs: CUDA with the fast encoder only: training passes (model.train(), packed batches
-            from the collate function) replay CUDA graphs captured per batch shape
-            (clamp3_lora/graphs.py); evaluation runs eagerly.
-        Every path computes the same function as the plain one (tests/test_fast_paths.py); adapters
-        stay in peft's standard format. Returns {lever: on/off} for the log.
-        """
-        if attention not in ATTENTION_MODES:
-            raise Clamp3LoraError(f"unknown attention mode {attention!r}: use {', '.join(ATTENTION_MODES)}")
-        mode = {True: "layer", False: "none"}.get(compile, compile)
-        if mode not in COMPILE_MODES:
-            raise Clamp3LoraError(f"unknown compile mode {compile!r}: use True, False or {', '.join(COMPILE_MODES)}")
-        cuda = next(self.parameters()).device.type == "cuda"
-        if fast_encoder:
-            check_encoder(self.symbolic_model.bert, "symbolic encoder")
-            check_encoder(self.text_model, "text encoder")
-            self.fast = FastPaths(compile=mode if cuda else "none", shared_lora_dropout=bool(shared_lora_dropout),
-                                  attention=attention, fp32_residual=bool(fp32_residual),
-                                  patch_kernel=bool(patch_kernel), dense_attention=bool(dense_attention),
-                                  keep_masks=bool(keep_masks))
-            if self.fast.compile != "none":
-                # One compiled layer serves every layer, yet it is specialised on a few things (music
-                # or text, the first layer or not, dense or varlen attention, training or evaluation):
-                # allow more variants than dynamo's default before it falls back to eager code.
-                limit = max(getattr(torch._dynamo.config, "recompile_limit", 8), 64)
-                torch._dynamo.config.recompile_limit = limit
-        else:
-            self.fast = None
-        self.graphs = EncoderGraphs(self) if cuda_graphs and cuda and self.fast is not None else None
-        stored_bf16 = bool(bf16_weights) and precision == "bf16" and cuda
-        if stored_bf16:
-            store_frozen_weights(self, torch.bfloat16)
-        return {"fast_encoder": self.fast is not None, "compile": self.fast.compile if self.fast else "none",
-                "bf16_weights": stored_bf16,
-                "shared_lora_dropout": bool(self.fast and self.fast.shared_lora_dropout),
-                "fp32_residual": bool(self.fast and self.fast.fp32_residual),
-                "patch_kernel": bool(self.fast and self.fast.patch_kernel and kernels.available(
-                    next(self.parameters()).device)),
-                "attention": self.fast.attention if self.fast else "transformers",
-                "dense_attention": bool(self.fast and self.fast.dense_attention and self._dense_runs(precision)),
-                "keep_masks": bool(self.fast and self.fast.keep_masks),
-                "cuda_graphs": self.graphs is not None}
-
-    def _dense_runs(self, precision):
-        """Whether the symbolic encoder's full-row batches can run dense attention here."""
-        bert = self.symbolic_model.bert.config
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-        return dense_available(next(self.parameters()).device, dtype, bert.hidden_size // bert.num_attention_heads)
 
     # --- adapters ---------------------------------------------------------------------------
 

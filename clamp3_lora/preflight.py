@@ -41,7 +41,6 @@ LIBRARIES = ("torch", "transformers", "peft", "tqdm", "mido", "unidecode", "safe
 """Libraries a training run imports (their minimum versions are read from requirements.txt)."""
 REQUIREMENTS = Path(__file__).resolve().parent.parent / "requirements.txt"
 STAGES = ("abc", "mtf")
-PRECISIONS = ("bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "constant")
 SHOWN_BAD_RECORDS = 20
 GB = 1024 ** 3
@@ -178,6 +177,7 @@ def check_environment(report):
 
 def check_config(report, cfg):
     """Values of the configuration that would stop a run at once; returns the selected stages."""
+    from . import precision
     from .metrics import METRIC_NAMES
 
     stages = [s.strip().lower() for s in cfg.stages.split(",") if s.strip()]
@@ -185,8 +185,8 @@ def check_config(report, cfg):
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages:
         problems.append(f"--stages {cfg.stages!r}: use abc, mtf or abc,mtf")
-    if cfg.precision not in PRECISIONS:
-        problems.append(f"--precision {cfg.precision!r}: use one of {', '.join(PRECISIONS)}")
+    if cfg.precision not in precision.PRECISIONS:
+        problems.append(f"--precision {cfg.precision!r}: use one of {', '.join(precision.PRECISIONS)}")
     if cfg.schedule not in SCHEDULES:
         problems.append(f"--schedule {cfg.schedule!r}: use one of {', '.join(SCHEDULES)}")
     if cfg.best_metric not in ("eval_loss",) + METRIC_NAMES:
@@ -562,7 +562,7 @@ def dry_step(report, name, cfg, model, records, device, batch_size, fallback):
     """Run and report one training step (no optimizer update) on `device`."""
     import torch
 
-    from . import step
+    from . import precision, step
     from .errors import MusicFormatError
 
     try:
@@ -580,27 +580,26 @@ def dry_step(report, name, cfg, model, records, device, batch_size, fallback):
         torch.cuda.reset_peak_memory_stats(device)
     baseline = torch.cuda.memory_allocated(device) if cuda else 0
     start = time.perf_counter()
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr)   # never stepped: a dry run
+    dry = step.Step(model, optimizer, None, precision.grad_scaler(device, cfg.precision), cfg.precision,
+                    cfg.max_grad_norm, device)
     try:
-        batch = step.to_device(batch, device)
-        with step.autocast(device, cfg.precision):
-            loss, _, _ = step.forward_loss(model, batch)
-        loss.backward()
+        result = dry.run(batch, last=False)    # the trainer's step: forward, guards, backward, no update
         if cuda:
             torch.cuda.synchronize(device)
-    except torch.cuda.OutOfMemoryError:
-        model.zero_grad(set_to_none=True)
-        torch.cuda.empty_cache()
-        report.fail(name, f"out of GPU memory with batch {batch_size} (longest piece {longest} patches)",
-                    [f"try --batch-size {max(1, batch_size // 2)} --grad-accum {cfg.grad_accum * 2} "
-                     f"(same effective batch)"])
-        return
     except (RuntimeError, ValueError) as error:
         model.zero_grad(set_to_none=True)
         first, *rest = str(error).splitlines() or [""]
         report.fail(name, f"forward+backward failed: {type(error).__name__}: {first}", rest[:10])
         return
+    if result.skip == "oom":
+        model.zero_grad(set_to_none=True)
+        report.fail(name, f"out of GPU memory with batch {batch_size} (longest piece {longest} patches)",
+                    [f"try --batch-size {max(1, batch_size // 2)} --grad-accum {cfg.grad_accum * 2} "
+                     f"(same effective batch)"])
+        return
     elapsed = time.perf_counter() - start
-    value = loss.item()
+    value = math.nan if result.skip == "nonfinite_loss" else result.loss
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     where = f"batch {batch_size}, longest piece {longest} patches, text {tokens} tokens"
     if not math.isfinite(value):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from config import TrainConfig
+from .config import TrainConfig
 from .data import evaluation_text, scan_data_file
 from .errors import Clamp3LoraError, DataError, MusicFormatError
 from .logs import atomic_write_json, atomic_write_text

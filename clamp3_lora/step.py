@@ -1,39 +1,187 @@
-"""The per-batch math, shared by the trainer, the preflight and the benchmark.
+"""One training step, in one place: the trainer, the preflight's dry step and the benchmark call it.
 
-    batch = to_device(batch, device)
-    with autocast(device, "bf16"):
-        loss, music, text = forward_loss(model, batch, gather=distributed.gather_with_grad)
-    loss.backward()
+    step = Step(model, optimizer, scheduler, scaler, precision="bf16", max_grad_norm=1.0)
+    result = step.run(batch)                  # forward, guards, backward, clip, update
+    result.loss, result.grad_norm, result.skip
 
-The text encoder is frozen: its features are computed without autograd, and since they do not
-depend on the update, the trainer computes the next batch's while the host waits for a step's loss
-(`text_ahead`, `read_scalars_during`). The music features keep their graph. With several processes,
-`gather` collects the features of every rank so the contrastive loss sees the global batch (global
-negatives, as the official CLaMP 3 training does); the gradient still reaches each rank's own samples.
+`Step.run(batch)` takes one micro-batch (a collated CPU batch) through
+
+    forward (music with grad, frozen text without) -> the guards every rank agrees on (an OOM or a
+    non-finite loss skips the batch) -> backward (scaled for fp16; divided by the window length
+    with gradient accumulation) -> at the window's last batch: clip, the non-finite-gradient guard,
+    optimizer and scaler step, scheduler step, zero_grad
+
+and, for a one-batch window without a GradScaler, reads loss and gradient norm with ONE host sync
+after the backward pass, queuing the next batch's copy and frozen text pass on the GPU first
+(`following`), so the GPU is busy while the host decides on the update. The guards decide exactly
+as the separate reads would. With several processes, `gather` collects the features of every rank
+for the contrastive loss (global negatives), and every guard is all-reduced, so all ranks skip
+together and none waits in a collective alone.
 """
-import contextlib
+import gc
+import math
+from dataclasses import dataclass, field
 
 import torch
 
+from . import distributed
+from .faults import Faults
 from .model import clip_loss
+from .precision import autocast
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+SKIP_REASONS = ("oom", "nonfinite_loss", "nonfinite_grad")
 
 
-def autocast(device, precision, cpu_autocast=False):
-    """Autocast context for `precision` ("bf16", "fp16" or "fp32") on `device`.
+class BackwardOutOfMemory(RuntimeError):
+    """An OOM in the backward pass with several processes: the other ranks are inside the gradient
+    all-reduce, so the batch cannot be skipped by all of them together; the run must stop."""
 
-    On CUDA, bf16 and fp16 autocast; fp32 runs without autocast. On the CPU there is no autocast
-    (fp32, exact, which the tests rely on) unless cpu_autocast=True and precision is "bf16".
-    """
-    device = torch.device(device)
-    if precision not in AUTOCAST_DTYPES and precision != "fp32":
-        raise ValueError(f"unknown precision {precision!r}: use bf16, fp16 or fp32")
-    if device.type == "cuda" and precision in AUTOCAST_DTYPES:
-        return torch.autocast("cuda", dtype=AUTOCAST_DTYPES[precision])
-    if device.type == "cpu" and cpu_autocast and precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+
+@dataclass
+class StepResult:
+    """What one micro-batch did. `loss` is None when the batch was skipped (`skip` says why). At a
+    window's last batch: `updated` (the optimizer stepped), `grad_norm`, `window_losses` (the losses
+    that went into that update), or `skip_window` "nonfinite_grad" with `window_batches` batches lost."""
+    loss: float = None
+    skip: str = None
+    updated: bool = False
+    grad_norm: float = None
+    window_losses: list = field(default_factory=list)
+    skip_window: str = None
+    window_batches: int = 0
+
+
+class Step:
+    """The training step of a model (see the module doc). `train_model` is what the forward pass
+    goes through (the model, or DistributedDataParallel around it); `scheduler` may be None."""
+
+    def __init__(self, model, optimizer, scheduler, scaler, precision, max_grad_norm, device=None,
+                 train_model=None, gather=None, text_ahead=True, faults=None, rank=0):
+        self.model = model
+        self.train_model = train_model or model
+        self.params = model.trainable_parameters()
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.precision = precision
+        self.max_grad_norm = max_grad_norm
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.gather = gather
+        self.text_ahead = text_ahead
+        self.faults = faults or Faults()
+        self.rank = rank
+        self.ahead = None            # (key, device batch, text features) of the next batch
+        self.window_losses = []      # losses of the window's batches that went through backward
+        self.window_grads = 0
+
+    def run(self, batch, window=1, last=True, key=None, following=None, fault_step=None):
+        """One micro-batch (see the module doc). `window`: batches in this optimizer step; `last`:
+        whether this batch ends it; `key`: this batch's key, `following`: (key, CPU batch) of the
+        next one (for its text pass ahead); `fault_step`: the fault-injection index."""
+        batch, text = self._take(batch, key)
+        fused = window == 1 and not self.scaler.is_enabled()
+        result = StepResult()
+        music, result.skip = self._forward(batch, text, fault_step)
+        loss = None
+        if result.skip is None:
+            with autocast(self.device, self.precision):
+                loss = contrastive_loss(*music, self.gather)
+            if self.faults.due("nan", fault_step, self.rank):
+                loss = loss * float("nan")
+            if not fused:
+                result.loss = loss.item()
+                if distributed.all_reduce_flag(not math.isfinite(result.loss)):
+                    result.skip, result.loss = "nonfinite_loss", None
+        norm = None
+        if result.skip is None:
+            result.skip = self._backward(loss, window, result.loss, fault_step)
+            if fused and result.skip is None:
+                result.loss, norm = self._read(loss, following)
+                if distributed.all_reduce_flag(not math.isfinite(result.loss)):
+                    result.skip, result.loss, norm = "nonfinite_loss", None, None
+                    self._drop_window()
+                else:
+                    self.window_losses = [result.loss]
+        if result.skip == "oom":
+            self._drop_window()
+            release_memory(self.device)
+        if last:
+            self._update(result, norm)
+        return result
+
+    def _take(self, batch, key):
+        """The device batch and its text features when they were made ahead, else (copy, None)."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and key is not None and ahead[0] == key:
+            return ahead[1], ahead[2]
+        return to_device(batch, self.device), None
+
+    def _forward(self, batch, text, fault_step):
+        """((music, text) features, None), or (None, "oom") on every rank when one ran out of memory."""
+        features, skip = None, None
+        try:
+            with autocast(self.device, self.precision):
+                features = local_features(self.train_model, batch, text)
+                self.faults.raise_oom(fault_step, self.rank)
+        except RuntimeError as error:
+            if not is_oom(error):
+                raise
+            skip = "oom"
+        if distributed.all_reduce_flag(skip is not None):   # every rank skips together
+            return None, "oom"
+        return features, None
+
+    def _backward(self, loss, window, loss_value, fault_step):
+        """Backpropagate loss / window; "oom" when it ran out of memory (one process only)."""
+        try:
+            self.faults.raise_oom(fault_step, self.rank, kind="oomback")
+            self.scaler.scale(loss / window).backward()
+        except RuntimeError as error:
+            if not is_oom(error):
+                raise
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                raise BackwardOutOfMemory(str(error)) from error
+            return "oom"                                     # a half-done backward: drop the window
+        self.window_grads += 1
+        self.window_losses.append(loss_value)
+        self.faults.poison_gradient(fault_step, self.rank, self.params)
+        return None
+
+    def _read(self, loss, following):
+        """(loss, gradient norm) with one host sync, the gradients clipped on the device first; the
+        next batch's text pass queued behind the read when `following` is given."""
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or math.inf)
+        if following is None or not self.text_ahead:
+            return read_scalars(loss, norm)
+        (value, norm), made = read_scalars_during(
+            lambda: text_ahead(self.train_model, following[1], self.device, self.precision), loss, norm)
+        if made is not None:
+            self.ahead = (following[0], *made)
+        return value, norm
+
+    def _update(self, result, norm):
+        """The window's end: clip (unless done), the gradient guard, optimizer/scaler/scheduler step."""
+        if self.window_grads:
+            if norm is None:
+                self.scaler.unscale_(self.optimizer)
+                norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or math.inf))
+            result.grad_norm = norm
+            if distributed.all_reduce_flag(not math.isfinite(norm)):
+                result.skip_window, result.window_batches = "nonfinite_grad", self.window_grads
+                self.scaler.update()
+            else:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                if self.scheduler is not None:
+                    self.scheduler.step()
+                result.updated, result.window_losses = True, list(self.window_losses)
+        self._drop_window()
+
+    def _drop_window(self):
+        self.optimizer.zero_grad(set_to_none=True)
+        self.window_grads, self.window_losses = 0, []
+
+
+# --------------------------------------------------------------------------------------------
+# The per-batch math
 
 
 def to_device(batch, device):
@@ -67,16 +215,10 @@ def text_features(model, batch):
 
 
 def text_ahead(model, cpu_batch, device, precision):
-    """(device batch, text features) of the NEXT batch, or None when they cannot be made early.
-
-    The frozen text side does not depend on the update the current step is about to make, so its
-    pass over the next batch can be queued on the GPU while the host waits for this step's loss
-    and gradient norm (read_scalars_during): the GPU then has work in the time the host spends
-    deciding on and launching the update. With CUDA graphs, the layout of the batch's music
-    inputs is queued then too (Clamp3.lay_out_music_ahead). None when the text side is trainable,
-    or on an out-of-memory error (the batch's own step then computes its text, and meets the error
-    there).
-    """
+    """(device batch, text features) of the NEXT batch, or None when they cannot be made early:
+    the frozen text side does not depend on the update the current step is about to make. With
+    CUDA graphs, the layout of the batch's music inputs is queued then too. None when the text side
+    is trainable, or on an out-of-memory error (the batch's own step then meets it)."""
     if not unwrap(model).text_frozen:
         return None
     batch = to_device(cpu_batch, device)
@@ -96,6 +238,13 @@ def is_oom(error):
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error)
 
 
+def release_memory(device):
+    """Free what Python still holds and return cached GPU memory (between epochs, stages, after OOM)."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def packed_of(batch, prefix):
     """(index, cu) of the batch's `prefix` mask ("patch" or "text") when the collate function
     added them (data.add_packing), else None (the fast path then computes them, with a host sync)."""
@@ -104,8 +253,7 @@ def packed_of(batch, prefix):
 
 
 def read_scalars(*values):
-    """Python floats of 0-dim tensors, read with ONE device-to-host copy (one sync per call,
-    instead of one per .item()). Values keep their float32 value exactly."""
+    """Python floats of 0-dim tensors, read with ONE device-to-host copy."""
     return torch.stack([v.detach().float().reshape(()) for v in values]).tolist()
 
 

@@ -1,9 +1,10 @@
 """The two-stage LoRA training recipe: stage 1/2 trains the ABC adapter, stage 2/2 the MTF adapter.
 
-Read it top to bottom: `main` prints the banner and runs each stage; `run_stage` builds the data,
-a fresh model from the frozen base with a fresh adapter, AdamW over the LoRA weights, the schedule,
-then runs THE training loop (epochs -> micro-batches -> optimizer steps), evaluates each epoch,
-keeps the best adapter, and writes checkpoints. Everything else here is a small helper.
+Read it top to bottom: `main` prints the banner, plans each stage (plan.py: fresh, resume or skip)
+and runs it; a `StageRun` sets the stage up (data, model, optimizer and schedule, the resume) in
+named methods, then `StageRun.train` is THE loop: epochs -> batches -> step -> log -> checkpoint
+-> evaluate. One batch goes through `step.Step.run` (forward, guards, backward, clip, update), the
+same step the preflight's dry run and the benchmark call.
 
 Robustness, in the loop itself:
 - Checkpoints (checkpoint.py): periodic ones during each epoch, one per epoch (the last few kept),
@@ -12,35 +13,20 @@ Robustness, in the loop itself:
   GradScaler, the position in the epoch's data order and every RNG state; a sample's augmentations
   depend only on (seed, epoch, record), so the resumed run continues with exactly the batches,
   dropout masks and updates the uninterrupted run would have had.
-- Guards: an OOM or a non-finite loss skips that batch, a non-finite gradient skips that optimizer
-  step; with several processes all ranks agree first (a flag all-reduced), so none is left waiting.
-  An OOM in the backward pass is skipped by one process only: with several, the ranks are then
-  half-way through the gradient all-reduce, so that rank stops the job with a clear error instead.
+- Guards (step.py): an OOM or a non-finite loss skips that batch, a non-finite gradient skips that
+  optimizer step; with several processes all ranks agree first, so none is left waiting. An OOM in
+  the backward pass with several processes stops the job with a clear error.
 - Several processes (torchrun): every collective has a timeout (--dist-timeout-s); a lost or stuck
   rank makes the others fail with a DistributedError that says so (emergency checkpoint on rank 0).
 - Signals are only noted by the handler; the loop acts on them at the next optimizer-step boundary
   (all ranks at the same step), saves the emergency checkpoint and exits 130 (SIGINT) or 143 (SIGTERM).
-
-Fault injection, for tests: `--fault-inject` or the environment variable CLAMP3_LORA_FAULTS holds
-comma-separated faults KIND@STEP or KIND@STEP:RANK, where STEP is the stage's global micro-step
-(batch) index counted from 0 across epochs, and RANK limits the fault to one process:
-    oom@S       raise a CUDA out-of-memory error in the forward pass of batch S
-    oomback@S   raise a CUDA out-of-memory error in place of the backward pass of batch S
-    nan@S       make the loss of batch S NaN
-    nangrad@S   make a LoRA gradient of batch S NaN after its backward pass
-    sigint@S, sigterm@S, sigkill@S   send this signal to the process itself before batch S
-    error@S     raise an unexpected RuntimeError before batch S (emergency checkpoint, then traceback)
-    hang@S      stop answering before batch S, as a stuck process does, until a stop signal arrives
-                (the other processes' collectives then time out after --dist-timeout-s)
-Test-only switch CLAMP3_LORA_TEST_NO_RNG_RESTORE=1: resume WITHOUT restoring the RNG states and the
-position in the data order (restart the epoch's order, re-seed); the tests use it as a negative
-control that proves the exact-resume test can fail.
+- Fault injection for tests: faults.py (--fault-inject, CLAMP3_LORA_FAULTS). Test-only switch
+  CLAMP3_LORA_TEST_NO_RNG_RESTORE=1: resume WITHOUT restoring the RNG states and the position in
+  the data order (a negative control that proves the exact-resume test can fail).
 
 Exit codes: 0 done; 1 a clear error (configuration, data, checkpoint, no GPU) or an unexpected one
 (traceback); 3 too many bad steps in a row; 130 SIGINT; 143 SIGTERM.
 """
-import gc
-import hashlib
 import inspect
 import math
 import os
@@ -54,40 +40,22 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import checkpoint, distributed
-from .data import Collator, MusicTextDataset, scan_data_file
-from .errors import CheckpointError, Clamp3LoraError, DataError
-from .fast import settings_from_config
+from . import checkpoint, distributed, precision
+from .console import Console, banner, final_summary, format_counts, format_value
+from .data import MusicTextDataset, make_batch_loader, scan_data_file
+from .errors import Clamp3LoraError, DataError
+from .faults import FAULTS_ENV, Faults
 from .logs import StageLogger, gpu_memory
-from .metrics import METRIC_NAMES, better, retrieval_metrics
-from .model import base_checkpoint_identity, clip_loss, load_model
-from .step import (autocast, contrastive_loss, is_oom, local_features, read_scalars, read_scalars_during, text_ahead,
-                   to_device)
+from .metrics import METRIC_NAMES, better, chance_metrics, gain_line, retrieval_metrics
+from .model import clip_loss, load_model
+from .plan import STAGES, plan_stage, resume_path_stage
+from .speed import accelerate
+from .step import SKIP_REASONS, BackwardOutOfMemory, Step, release_memory, to_device
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_STEPS = 0, 1, 3
-FAULTS_ENV = "CLAMP3_LORA_FAULTS"
 NO_RNG_RESTORE_ENV = "CLAMP3_LORA_TEST_NO_RNG_RESTORE"
-FAULT_KINDS = ("oom", "oomback", "nan", "nangrad", "sigint", "sigterm", "sigkill", "error", "hang")
-SKIP_REASONS = ("oom", "nonfinite_loss", "nonfinite_grad")
-WIDTH = 78
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One stage: its name in file names, the config fields of its data, its adapter folder."""
-    name: str
-    train_field: str
-    eval_field: str
-    adapter: str
-
-
-STAGES = {
-    "abc": Stage("ABC", "abc_train", "abc_eval", "lora_abc_adapter"),
-    "mtf": Stage("MTF", "mtf_train", "mtf_eval", "lora_mtf_adapter"),
-}
 
 
 class StopTraining(Exception):
@@ -128,8 +96,8 @@ def main(cfg, argv=None):
                     console.rule(f"STAGE {number}/{len(stages)}: {stage.name} adapter — skipped")
                     console.say(f"✓ {plan.note}")
                     continue
-                results.append(run_stage(cfg, stage, number, len(stages), plan, dist, signals, faults,
-                                         console, argv))
+                run = StageRun(cfg, stage, plan, dist, signals, faults, console, argv)
+                results.append(run.train(number, len(stages)))
                 release_memory(dist.device)
             final_summary(cfg, results, started, console)
         return EXIT_OK
@@ -154,8 +122,8 @@ def check_config(cfg):
     problems = []
     if cfg.schedule not in ("cosine", "constant"):
         problems.append(f"--schedule {cfg.schedule!r}: use cosine or constant")
-    if cfg.precision not in ("bf16", "fp16", "fp32"):
-        problems.append(f"--precision {cfg.precision!r}: use bf16, fp16 or fp32")
+    if cfg.precision not in precision.PRECISIONS:
+        problems.append(f"--precision {cfg.precision!r}: use {', '.join(precision.PRECISIONS)}")
     if cfg.best_metric != "eval_loss" and cfg.best_metric not in METRIC_NAMES:
         problems.append(f"--best-metric {cfg.best_metric!r}: use eval_loss or one of {', '.join(METRIC_NAMES)}")
     for name in ("epochs", "batch_size", "grad_accum", "keep_epoch_checkpoints", "max_bad_steps_in_row",
@@ -220,401 +188,391 @@ class Progress:
 
 
 @dataclass
-class Plan:
-    """What to do with a stage: start fresh, resume from a checkpoint, or skip it (finished)."""
-    action: str
-    identity: dict
-    path: str = None
-    state: dict = None
-    note: str = ""
-
-
-@dataclass
 class StageResult:
     """What a finished stage leaves behind, for the final summary."""
-    stage: Stage
+    stage: object                  # plan.Stage
     seconds: float
     best_metric: str
     best_value: float
     best_epoch: int
     files: list
+    gain: str = ""
 
 
-def run_stage(cfg, stage, number, total, plan, dist, signals, faults, console, argv):
-    """Train one adapter: data, model, optimizer, resume, the loop, evaluation, checkpoints."""
-    started = time.time()
-    log_dir = Path(cfg.output_dir) / "logs" / "lora"
-    adapter_dir = Path(cfg.output_dir) / "adapters" / stage.adapter
-    logger = StageLogger(log_dir, stage.name) if dist.is_main else None
-    device = dist.device
-    console.rule(f"STAGE {number}/{total}: Training {stage.name} Adapter")
+class StageRun:
+    """One stage: set up (data, model, optimizer, schedule, resume) by the named methods that
+    __init__ calls in order, then `train` runs the loop. Rank 0 alone writes files."""
 
-    def note(text):
+    def __init__(self, cfg, stage, plan, dist, signals, faults, console, argv):
+        self.cfg, self.stage, self.plan, self.dist = cfg, stage, plan, dist
+        self.signals, self.faults, self.console, self.argv = signals, faults, console, argv
+        self.started = time.time()
+        self.log_dir = Path(cfg.output_dir) / "logs" / "lora"
+        self.adapter_dir = Path(cfg.output_dir) / "adapters" / stage.adapter
+        self.logger = StageLogger(self.log_dir, stage.name) if dist.is_main else None
+        self.exact = os.environ.get(NO_RNG_RESTORE_ENV) != "1"
+
+    def note(self, text):
         """A line for the terminal and the stage's text log."""
-        console.say(text)
-        if logger is not None:
-            logger.write(text)
+        self.console.say(text)
+        if self.logger is not None:
+            self.logger.write(text)
 
-    note(f"{stage.name} stage started {time.ctime()}")
+    # --- set-up -----------------------------------------------------------------------------
 
-    # --- data: scanned once on rank 0; bad records reported with file:line ----------------------
-    train_scan = shared_scan(getattr(cfg, stage.train_field), cfg, dist)
-    eval_scan = shared_scan(getattr(cfg, stage.eval_field), cfg, dist)
-    for scan in (train_scan, eval_scan):
-        note(("⚠ " if scan.bad else "✓ ") + scan.summary())
+    def set_up_data(self):
+        """Scan both data files (rank 0; bad records reported with file:line), build the datasets."""
+        cfg, stage = self.cfg, self.stage
+        self.train_scan = shared_scan(getattr(cfg, stage.train_field), cfg, self.dist)
+        self.eval_scan = shared_scan(getattr(cfg, stage.eval_field), cfg, self.dist)
+        for scan in (self.train_scan, self.eval_scan):
+            self.note(("⚠ " if scan.bad else "✓ ") + scan.summary())
+        if len(self.eval_scan.records) < 2:
+            raise DataError(f"{self.eval_scan.path}: {len(self.eval_scan.records)} usable validation pair(s); "
+                            f"retrieval ranks each text among the pieces, which needs at least 2")
 
-    # --- model: the frozen base, a fresh adapter (a new model per stage, never re-wrapped) ------
-    torch.manual_seed(cfg.seed)  # a random preset base is then the same in every run and stage
-    model = load_model(None if cfg.preset else cfg.weights, text_model=cfg.text_model,
-                       preset=cfg.preset or None, device=device)
-    set_encoder_dropout(model, cfg.encoder_dropout)
-    model.add_adapter(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                      targets=tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip()))
-    params = model.trainable_parameters()
-    note(f"✓ LoRA adapter: r={cfg.lora_r}, alpha={cfg.lora_alpha}, dropout={cfg.lora_dropout} on "
-         f"{cfg.lora_targets}: {count_lora_modules(model)} LoRA modules, "
-         f"{sum(p.numel() for p in params):,} trainable parameters")
-    speed = model.prepare_for_training(precision=cfg.precision, **settings_from_config(cfg))
-    note("✓ training step: " + ", ".join(f"{name} {value}" for name, value in speed.items()))
-    train_model = model
-    if dist.distributed:
-        train_model = wrap_ddp(model, device)
+    def set_up_model(self):
+        """The frozen base, a fresh adapter (a new model per stage, never re-wrapped), the speed paths."""
+        cfg, device = self.cfg, self.dist.device
+        torch.manual_seed(cfg.seed)  # a random preset base is then the same in every run and stage
+        model = load_model(None if cfg.preset else cfg.weights, text_model=cfg.text_model,
+                           preset=cfg.preset or None, device=device)
+        set_encoder_dropout(model, cfg.encoder_dropout)
+        model.add_adapter(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                          targets=tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip()))
+        params = model.trainable_parameters()
+        self.note(f"✓ LoRA adapter: r={cfg.lora_r}, alpha={cfg.lora_alpha}, dropout={cfg.lora_dropout} on "
+                  f"{cfg.lora_targets}: {count_lora_modules(model)} LoRA modules, "
+                  f"{sum(p.numel() for p in params):,} trainable parameters")
+        speed = accelerate(model, cfg.precision, cfg.speed)
+        self.note("✓ training step: " + ", ".join(f"{name} {value}" for name, value in speed.items()))
+        self.model = model
+        self.train_model = wrap_ddp(model, device) if self.dist.distributed else model
 
-    train_set = MusicTextDataset(train_scan.records, model.tokenizer, train=True, max_patches=cfg.max_patches,
-                                 max_text_tokens=cfg.max_text_tokens,
-                                 instrument_removal_prob=cfg.instrument_removal_prob, cache_mb=cfg.patch_cache_mb)
-    eval_set = MusicTextDataset(eval_scan.records, model.tokenizer, train=False, max_patches=cfg.max_patches,
-                                max_text_tokens=cfg.max_text_tokens, cache_mb=cfg.patch_cache_mb)
-    train_sampler = make_sampler(train_set, cfg, dist, shuffle=True, what=getattr(cfg, stage.train_field))
-    eval_sampler = make_sampler(eval_set, cfg, dist, shuffle=False, what=getattr(cfg, stage.eval_field))
-    train_loader = make_loader(train_set, train_sampler, cfg, device)
-    eval_loader = make_loader(eval_set, eval_sampler, cfg, device)
-    batches = len(train_sampler)
-    windows = math.ceil(batches / cfg.grad_accum)          # optimizer steps per epoch
-    periodic_at = periodic_steps(windows, cfg.checkpoints_per_epoch)
+    def set_up_loaders(self):
+        cfg, dist, stage = self.cfg, self.dist, self.stage
+        sets = [MusicTextDataset(scan.records, self.model.tokenizer, train=train, max_patches=cfg.max_patches,
+                                 max_text_tokens=cfg.max_text_tokens, cache_mb=cfg.patch_cache_mb,
+                                 instrument_removal_prob=cfg.instrument_removal_prob if train else 0.0)
+                for scan, train in ((self.train_scan, True), (self.eval_scan, False))]
+        self.train_set, self.eval_set = sets
+        self.train_sampler = make_sampler(self.train_set, cfg, dist, True, getattr(cfg, stage.train_field))
+        self.eval_sampler = make_sampler(self.eval_set, cfg, dist, False, getattr(cfg, stage.eval_field))
+        self.train_loader = make_batch_loader(self.train_set, self.train_sampler, cfg.num_workers, dist.device)
+        self.eval_loader = make_batch_loader(self.eval_set, self.eval_sampler, cfg.num_workers, dist.device)
+        self.batches = len(self.train_sampler)
+        self.windows = math.ceil(self.batches / cfg.grad_accum)          # optimizer steps per epoch
+        self.periodic_at = periodic_steps(self.windows, cfg.checkpoints_per_epoch)
 
-    # --- optimizer over the LoRA weights only, warm-up then cosine/constant, GradScaler for fp16 -
-    optimizer = make_optimizer(params, cfg.lr, cfg.weight_decay, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
-        lr_factor, warmup_steps=cfg.warmup_steps, total_steps=cfg.epochs * windows, schedule=cfg.schedule))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16" and device.type == "cuda")
-    gather = distributed.gather_with_grad if dist.distributed else None
-    progress = Progress()
-    torch.manual_seed(cfg.seed + 1 + dist.rank)  # this rank's dropout stream
+    def set_up_optimizer(self):
+        """AdamW over the LoRA weights, warm-up then cosine/constant, GradScaler for fp16; the step."""
+        cfg, device = self.cfg, self.dist.device
+        self.optimizer = make_optimizer(self.model.trainable_parameters(), cfg.lr, cfg.weight_decay, device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
+            lr_factor, warmup_steps=cfg.warmup_steps, total_steps=cfg.epochs * self.windows, schedule=cfg.schedule))
+        self.scaler = precision.grad_scaler(device, cfg.precision)
+        gather = distributed.gather_with_grad if self.dist.distributed else None
+        self.step = Step(self.model, self.optimizer, self.scheduler, self.scaler, cfg.precision, cfg.max_grad_norm,
+                         device, train_model=self.train_model, gather=gather, text_ahead=cfg.speed.text_ahead,
+                         faults=self.faults, rank=self.dist.rank)
 
-    # --- resume ------------------------------------------------------------------------------
-    exact = os.environ.get(NO_RNG_RESTORE_ENV) != "1"
-    if plan.action == "resume":
-        rng_known = dist.rank < len(plan.state["rng"]) and plan.state["rng"][dist.rank] is not None
-        checkpoint.restore_training_state(plan.path, plan.state, model, optimizer, scheduler, scaler,
-                                          rank=dist.rank, device=device, restore_rng_states=exact and rng_known)
-        if not rng_known:
-            console.error(f"⚠ {plan.path} has no RNG state for rank {dist.rank} (an emergency checkpoint written "
-                          f"after an error on one rank): dropout continues from a fresh seed, not exactly")
-        progress = Progress(**plan.state["progress"])
-        note(f"✓ resumed from {plan.path}: epoch {progress.epoch + 1}, batch {progress.batch}/{batches}, "
-             f"{progress.optimizer_steps} optimizer steps, {progress.samples_seen} samples seen")
-        if not exact:
-            note(f"⚠ {NO_RNG_RESTORE_ENV}=1: RNG states and data position NOT restored (test-only switch)")
-    if logger is not None:
-        logger.set_history(progress.history)
-        logger.truncate_steps_after(progress.micro_step - 1)
-    note(f"  {len(train_set)} training records, {len(eval_set)} validation records; {batches} batches "
-         f"of {cfg.batch_size} per rank x {dist.world_size} rank(s), {windows} optimizer steps per epoch, "
-         f"{cfg.epochs} epochs; periodic checkpoints after steps {sorted(periodic_at) or 'none'}")
+    def set_up_progress(self):
+        """Where the stage starts: from scratch (the base model evaluated as epoch 0) or from the
+        plan's checkpoint (every state restored)."""
+        dist, plan = self.dist, self.plan
+        self.progress = Progress()
+        torch.manual_seed(self.cfg.seed + 1 + dist.rank)  # this rank's dropout stream
+        if plan.action == "resume":
+            rng_known = dist.rank < len(plan.state["rng"]) and plan.state["rng"][dist.rank] is not None
+            checkpoint.restore_training_state(plan.path, plan.state, self.model, self.optimizer, self.scheduler,
+                                              self.scaler, rank=dist.rank, device=dist.device,
+                                              restore_rng_states=self.exact and rng_known)
+            if not rng_known:
+                self.console.error(f"⚠ {plan.path} has no RNG state for rank {dist.rank} (an emergency checkpoint "
+                                   f"written after an error on one rank): dropout continues from a fresh seed, not exactly")
+            self.progress = Progress(**plan.state["progress"])
+            self.note(f"✓ resumed from {plan.path}: epoch {self.progress.epoch + 1}, batch {self.progress.batch}/"
+                      f"{self.batches}, {self.progress.optimizer_steps} optimizer steps, "
+                      f"{self.progress.samples_seen} samples seen")
+            if not self.exact:
+                self.note(f"⚠ {NO_RNG_RESTORE_ENV}=1: RNG states and data position NOT restored (test-only switch)")
+        if self.logger is not None:
+            self.logger.set_history(self.progress.history)
+            self.logger.truncate_steps_after(self.progress.micro_step - 1)
+        cfg = self.cfg
+        self.note(f"  {len(self.train_set)} training records, {len(self.eval_set)} validation records; "
+                  f"{self.batches} batches of {cfg.batch_size} per rank x {dist.world_size} rank(s), {self.windows} "
+                  f"optimizer steps per epoch, {cfg.epochs} epochs; periodic checkpoints after steps "
+                  f"{sorted(self.periodic_at) or 'none'}")
+        self.chance = chance_metrics(len(self.eval_set))
+        if self.progress.epoch == 0 and self.progress.batch == 0 and not self.progress.history:
+            self.evaluate_base()
+        self.mark_boundary()
 
-    boundary = progress.copy()                       # the last optimizer-step boundary
-    boundary_rng = checkpoint.capture_rng(device)
+    # --- the loop ---------------------------------------------------------------------------
 
-    def save(kind, path, at, rng_states):
-        """Write a checkpoint of the state at boundary `at` (rank 0 writes; RNG of every rank)."""
-        if not dist.is_main:
+    def train(self, number, total):
+        """Set the stage up, then train it: epochs -> batches -> step -> log -> checkpoint -> evaluate."""
+        cfg, dist, stage, console = self.cfg, self.dist, self.stage, self.console
+        console.rule(f"STAGE {number}/{total}: Training {stage.name} Adapter")
+        self.note(f"{stage.name} stage started {time.ctime()}")
+        self.set_up_data()
+        self.set_up_model()
+        self.set_up_loaders()
+        self.set_up_optimizer()
+        self.set_up_progress()
+        progress, self.bar = self.progress, None
+        try:
+            for epoch in range(progress.epoch, cfg.epochs):
+                console.epoch_rule(stage.name, epoch + 1, cfg.epochs)
+                first = self.start_epoch(epoch)
+                batches = zip(range(first, self.batches), self.train_loader)
+                for (index, batch), following in with_next(batches):
+                    fault_step = progress.micro_step
+                    self.faults.before_batch(fault_step, dist.rank, self.signals)
+                    window_start = index - index % cfg.grad_accum
+                    window = min(cfg.grad_accum, self.batches - window_start)
+                    last = index + 1 - window_start == window
+                    try:
+                        result = self.step.run(batch, window, last, key=index, following=following,
+                                               fault_step=fault_step)
+                    except BackwardOutOfMemory as error:
+                        raise backward_oom_error(error, stage, index, epoch, fault_step, dist) from error
+                    self.count_batch(result, epoch, index, fault_step)
+                    if last:
+                        self.end_window(result, epoch, index)
+                self.bar.close()
+                self.end_epoch(epoch)
+        except StopTraining:
+            raise
+        except Exception as error:
+            self.fail(error)
+            raise
+        return self.finish()
+
+    def start_epoch(self, epoch):
+        """Position the data order, set the modes, open the progress bar; the epoch's first batch."""
+        first = self.progress.batch
+        self.train_sampler.set_epoch(epoch)
+        self.train_sampler.start_at(first if self.exact else 0)
+        self.model.train()
+        self.model.text_model.eval()  # frozen and deterministic: no dropout on the text side
+        reset_peak_memory(self.dist.device)
+        self.clock = time.time() - self.progress.epoch_time
+        self.window_records = []
+        self.bar = tqdm(total=self.batches, initial=first, desc=f"[{self.stage.name}] Epoch {epoch + 1} Training",
+                        disable=not self.dist.is_main, dynamic_ncols=True, leave=True)
+        return first
+
+    def count_batch(self, result, epoch, index, fault_step):
+        """Counters, the step record and the progress bar after one batch."""
+        progress, skip = self.progress, result.skip
+        if skip is not None:
+            progress.bad_in_row += 1
+            progress.epoch_skipped[skip] += 1
+            progress.skipped[skip] += 1
+            self.console.say(f"⚠ [{self.stage.name}] batch {index} of epoch {epoch + 1} (step {fault_step}) "
+                             f"skipped: {skip}")
+        else:
+            progress.bad_in_row = 0
+        size = self.train_sampler.global_batch_size(index)
+        progress.micro_step += 1
+        progress.samples_seen += size
+        progress.epoch_samples += size
+        rate = progress.epoch_samples / max(time.time() - self.clock, 1e-9)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.window_records.append({"step": fault_step, "epoch": epoch + 1, "batch": index, "loss": result.loss,
+                                    "lr": lr, "samples_per_s": rate, "batch_size": size, "skipped": skip})
+        self.bar.update()
+        self.bar.set_postfix(loss="skipped" if result.loss is None else f"{result.loss:.4f}", lr=f"{lr:.2e}",
+                             **{"samples/s": f"{rate:.1f}"}, refresh=False)
+
+    def end_window(self, result, epoch, index):
+        """An optimizer-step boundary: count the update (or its skip), log, then stop/checkpoint decisions."""
+        progress, cfg = self.progress, self.cfg
+        if result.skip_window is not None:
+            progress.bad_in_row += 1
+            progress.epoch_skipped[result.skip_window] += result.window_batches
+            progress.skipped[result.skip_window] += result.window_batches
+            self.console.say(f"⚠ [{self.stage.name}] optimizer step after step {progress.micro_step - 1} skipped: "
+                             f"non-finite gradient")
+            for record in self.window_records:
+                record["skipped"] = record["skipped"] or result.skip_window
+        if result.updated:
+            progress.optimizer_steps += 1
+            progress.epoch_loss_sum += sum(result.window_losses)
+            progress.epoch_loss_count += len(result.window_losses)
+        progress.batch = index + 1
+        progress.epoch_time = time.time() - self.clock
+        self.mark_boundary()
+        if self.logger is not None:
+            for record in self.window_records:
+                self.logger.step(record)
+        self.window_records = []
+        self.stop_if_asked()
+        if progress.bad_in_row >= cfg.max_bad_steps_in_row:
+            self.bar.close()
+            path = self.save_emergency("too many bad steps")
+            raise StopTraining(EXIT_BAD_STEPS, (
+                f"✗ {progress.bad_in_row} batches in a row were skipped (out of memory or NaN/Inf; limit "
+                f"--max-bad-steps-in-row {cfg.max_bad_steps_in_row}). Training stopped.\n"
+                f"  Emergency checkpoint: {path}\n"
+                f"  Skipped so far: {format_counts(progress.skipped)}. Try a smaller --batch-size or "
+                f"--max-patches (OOM) or a lower --lr (NaN), then resume:\n"
+                f"  {resume_command(self.argv, self.dist)}"))
+        step_in_epoch = math.ceil(progress.batch / cfg.grad_accum)
+        if step_in_epoch in self.periodic_at:
+            path = self.save("periodic", checkpoint.periodic_path(self.log_dir, self.stage.name, epoch + 1,
+                                                                  step_in_epoch))
+            if path is not None:
+                checkpoint.delete_superseded(self.log_dir, self.stage.name, path)
+
+    def end_epoch(self, epoch):
+        """Evaluate, keep the best adapter, log the epoch, write the epoch checkpoint."""
+        progress, cfg, stage = self.progress, self.cfg, self.stage
+        train_seconds = time.time() - self.clock
+        evaluation = evaluate_split(self.model, self.eval_loader, self.eval_sampler, cfg, self.dist, self.signals,
+                                    f"[{stage.name}] Epoch {epoch + 1} Eval")
+        if evaluation is None:
+            raise stop_for_signal(self.signals, self.save_emergency, stage, self.argv, self.dist)
+        eval_loss, metrics = evaluation
+        value = eval_loss if cfg.best_metric == "eval_loss" else metrics[cfg.best_metric]
+        improved = better(cfg.best_metric, value, progress.best_value)
+        if improved:
+            progress.best_value, progress.best_epoch = value, epoch + 1
+        if better("eval_loss", eval_loss, progress.best_eval_loss):
+            progress.best_eval_loss, progress.best_eval_loss_epoch = eval_loss, epoch + 1
+        if improved and self.dist.is_main:
+            self.model.save_adapter(self.adapter_dir, adapter_record(cfg, stage, progress, metrics, eval_loss,
+                                                                     self.train_scan, self.eval_scan))
+        entry = {
+            "epoch": epoch + 1,
+            "train_loss": progress.epoch_loss_sum / progress.epoch_loss_count if progress.epoch_loss_count else math.nan,
+            "eval_loss": eval_loss, "time": time.time() - self.clock, "timestamp": time.ctime(),
+            "train_time": train_seconds, "samples_per_s": progress.epoch_samples / max(train_seconds, 1e-9),
+            "lr": self.optimizer.param_groups[0]["lr"], "optimizer_steps": progress.optimizer_steps,
+            "samples_seen": progress.samples_seen, "gpu_memory": gpu_memory(self.dist.device),
+            "metrics": metrics, "chance": self.chance, "eval_pairs": len(self.eval_set),
+            "skipped": dict(progress.epoch_skipped), "best_metric": cfg.best_metric,
+            "best_value": progress.best_value, "best_epoch": progress.best_epoch,
+        }
+        progress.history.append(entry)
+        if self.logger is not None:
+            self.logger.epoch(entry, cfg.epochs)
+        progress.next_epoch()
+        self.mark_boundary()
+        path = self.save("epoch", checkpoint.epoch_path(self.log_dir, stage.name, epoch + 1))
+        if path is not None:
+            checkpoint.rotate_epoch_checkpoints(self.log_dir, stage.name, cfg.keep_epoch_checkpoints)
+            checkpoint.delete_superseded(self.log_dir, stage.name, path)
+        self.console.epoch_summary(stage.name, entry, cfg, progress, improved, self.adapter_dir, path)
+        release_memory(self.dist.device)
+        self.stop_if_asked()
+
+    def evaluate_base(self):
+        """Epoch 0 of the history: the base model (the fresh adapter changes nothing yet) on the
+        validation set, before any training."""
+        clock = time.time()
+        evaluation = evaluate_split(self.model, self.eval_loader, self.eval_sampler, self.cfg, self.dist, self.signals,
+                                    f"[{self.stage.name}] Base model Eval")
+        if evaluation is None:
+            raise stop_for_signal(self.signals, lambda reason: None, self.stage, self.argv, self.dist)
+        eval_loss, metrics = evaluation
+        entry = {"epoch": 0, "train_loss": None, "eval_loss": eval_loss, "time": time.time() - clock,
+                 "timestamp": time.ctime(), "gpu_memory": gpu_memory(self.dist.device), "metrics": metrics,
+                 "chance": self.chance, "eval_pairs": len(self.eval_set), "skipped": {}, "base_model": True}
+        self.progress.history.append(entry)
+        if self.logger is not None:
+            self.logger.epoch(entry, self.cfg.epochs)
+        self.console.base_summary(self.stage.name, entry)
+
+    def finish(self):
+        """The stage is done: the finished marker, the summary with the gain line; a StageResult."""
+        progress, stage = self.progress, self.stage
+        seconds = time.time() - self.started
+        gain = stage_gain(stage, progress)
+        files = []
+        if self.dist.is_main:
+            marker = checkpoint.write_finished(self.log_dir, stage.name, {
+                "identity": self.plan.identity, "adapter": str(self.adapter_dir), "best_metric": self.cfg.best_metric,
+                "best_value": progress.best_value, "best_epoch": progress.best_epoch,
+                "optimizer_steps": progress.optimizer_steps, "samples_seen": progress.samples_seen})
+            files = ([self.adapter_dir] + self.logger.files()
+                     + sorted(checkpoint.stage_checkpoints(self.log_dir, stage.name)) + [marker])
+            self.note(f"✓ {stage.name} stage finished in {seconds:.1f}s ({seconds / 60:.2f} min): best "
+                      f"{self.cfg.best_metric} {format_value(progress.best_value)} at epoch {progress.best_epoch}, "
+                      f"adapter {self.adapter_dir}")
+            self.note(f"  skipped batches in the stage: {format_counts(progress.skipped)}")
+            self.note(f"✓ {gain}")
+            for scan in (self.train_scan, self.eval_scan):
+                if scan.bad:
+                    self.note("⚠ bad records skipped:\n" + scan.summary(show=20))
+        distributed.barrier()
+        return StageResult(stage, seconds, self.cfg.best_metric, progress.best_value, progress.best_epoch, files, gain)
+
+    # --- checkpoints and stops --------------------------------------------------------------
+
+    def mark_boundary(self):
+        """Remember the state at this optimizer-step boundary (what an emergency checkpoint saves)."""
+        self.boundary = self.progress.copy()
+        self.boundary_rng = checkpoint.capture_rng(self.dist.device)
+
+    def save(self, kind, path, rngs=None):
+        """Write a checkpoint of the last boundary (rank 0 writes; the RNG states of every rank)."""
+        rngs = distributed.all_gather_objects(self.boundary_rng) if rngs is None else rngs
+        if not self.dist.is_main:
             return None
         state = {
-            "stage": stage.name, "kind": kind, "identity": plan.identity, "config": asdict(cfg),
-            "lora": model.lora_state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() or None,
-            "progress": asdict(at),
-            "sampler": train_sampler.state_dict(epoch=at.epoch, position=at.batch),
-            "rng": rng_states, "world_size": dist.world_size,
+            "stage": self.stage.name, "kind": kind, "identity": self.plan.identity, "config": asdict(self.cfg),
+            "lora": self.model.lora_state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() or None,
+            "progress": asdict(self.boundary),
+            "sampler": self.train_sampler.state_dict(epoch=self.boundary.epoch, position=self.boundary.batch),
+            "rng": rngs, "world_size": self.dist.world_size,
         }
         return checkpoint.save(path, state)
 
-    def save_emergency(reason, collective=True):
+    def save_emergency(self, reason, collective=True):
         """The emergency checkpoint at the last boundary; returns its path (on rank 0)."""
-        rngs = distributed.all_gather_objects(boundary_rng) if collective else (
-            [boundary_rng] + [None] * (dist.world_size - 1))
-        path = save("emergency", checkpoint.emergency_path(log_dir, stage.name), boundary, rngs)
+        rngs = None if collective else [self.boundary_rng] + [None] * (self.dist.world_size - 1)
+        path = self.save("emergency", checkpoint.emergency_path(self.log_dir, self.stage.name), rngs)
         if path is not None:
-            note(f"✓ emergency checkpoint ({reason}) saved: {path}")
+            self.note(f"✓ emergency checkpoint ({reason}) saved: {path}")
         return path
 
-    # --- the training loop -----------------------------------------------------------------------
-    bar = None  # the epoch's progress bar, closed before any message that ends the stage
-    try:
-        for epoch in range(progress.epoch, cfg.epochs):
-            console.epoch_rule(stage.name, epoch + 1, cfg.epochs)
-            first = progress.batch
-            train_sampler.set_epoch(epoch)
-            train_sampler.start_at(first if exact else 0)
-            model.train()
-            model.text_model.eval()  # frozen and deterministic: no dropout on the text side
-            reset_peak_memory(device)
-            clock = time.time() - progress.epoch_time
-            window_records, window_losses, window_grads = [], [], 0
-            bar = tqdm(total=batches, initial=first, desc=f"[{stage.name}] Epoch {epoch + 1} Training",
-                       disable=not dist.is_main, dynamic_ncols=True, leave=True)
-            ahead = None  # (index, device batch, text features) of the next batch, made during a read
-            for (index, batch), following in with_next(zip(range(first, batches), train_loader)):
-                step = progress.micro_step
-                faults.before_batch(step, dist.rank, signals)
-                window_start = index - index % cfg.grad_accum
-                window = min(cfg.grad_accum, batches - window_start)
-                size = train_sampler.global_batch_size(index)
-                text = None
-                if ahead is not None and ahead[0] == index:
-                    batch, text = ahead[1], ahead[2]
-                else:
-                    batch = to_device(batch, device)
-                ahead = None
-                # A one-batch step without a GradScaler reads loss and gradient norm in ONE host sync
-                # after the backward pass (clip_and_read); the guards decide exactly as before. While
-                # the host waits for that read, the GPU already runs the next batch's frozen text pass.
-                fused = window == 1 and not scaler.is_enabled()
+    def stop_if_asked(self):
+        """At a boundary: stop (emergency checkpoint) when any rank received a stop signal."""
+        if distributed.all_reduce_flag(self.signals.received is not None):
+            if self.bar is not None:
+                self.bar.close()
+            raise stop_for_signal(self.signals, self.save_emergency, self.stage, self.argv, self.dist)
 
-                def next_text(following=following):
-                    if following is None or not cfg.text_ahead:
-                        return None
-                    made = text_ahead(train_model, following[1], device, cfg.precision)
-                    return None if made is None else (following[0], *made)
-
-                skip, loss_value, norm_value = None, None, None
-                try:                                        # forward on this rank's samples
-                    with autocast(device, cfg.precision):
-                        music, text = local_features(train_model, batch, text)
-                        faults.raise_oom(step, dist.rank)
-                except RuntimeError as error:
-                    if not is_oom(error):
-                        raise
-                    skip = "oom"
-                if distributed.all_reduce_flag(skip is not None):   # every rank skips together
-                    skip = skip or "oom"
-                if skip is None:
-                    with autocast(device, cfg.precision):
-                        loss = contrastive_loss(music, text, gather)
-                    if faults.due("nan", step, dist.rank):
-                        loss = loss * float("nan")
-                    if not fused:
-                        loss_value = loss.item()
-                        if distributed.all_reduce_flag(not math.isfinite(loss_value)):
-                            skip, loss_value = "nonfinite_loss", None
-                if skip is None:
-                    try:
-                        faults.raise_oom(step, dist.rank, kind="oomback")
-                        scaler.scale(loss / window).backward()
-                        window_grads += 1
-                        window_losses.append(loss_value)
-                    except RuntimeError as error:
-                        if not is_oom(error):
-                            raise
-                        if dist.distributed:
-                            raise backward_oom_error(error, stage, index, epoch, step, dist) from error
-                        skip = "oom"                         # a half-done backward: drop the window
-                    faults.poison_gradient(step, dist.rank, params)
-                    if fused and skip is None:               # the loss guard, after the backward pass
-                        (loss_value, norm_value), ahead = clip_and_read(loss, params, cfg.max_grad_norm, next_text)
-                        if distributed.all_reduce_flag(not math.isfinite(loss_value)):
-                            skip, loss_value, norm_value = "nonfinite_loss", None, None
-                            optimizer.zero_grad(set_to_none=True)
-                            window_grads, window_losses = 0, []
-                        else:
-                            window_losses = [loss_value]
-                music = text = loss = None
-                if skip == "oom":
-                    optimizer.zero_grad(set_to_none=True)
-                    window_grads, window_losses = 0, []
-                    release_memory(device)
-                if skip is not None:
-                    progress.bad_in_row += 1
-                    progress.epoch_skipped[skip] += 1
-                    progress.skipped[skip] += 1
-                    console.say(f"⚠ [{stage.name}] batch {index} of epoch {epoch + 1} (step {step}) skipped: {skip}")
-                else:
-                    progress.bad_in_row = 0
-                progress.micro_step += 1
-                progress.samples_seen += size
-                progress.epoch_samples += size
-                rate = progress.epoch_samples / max(time.time() - clock, 1e-9)
-                lr = optimizer.param_groups[0]["lr"]
-                window_records.append({"step": step, "epoch": epoch + 1, "batch": index, "loss": loss_value,
-                                       "lr": lr, "samples_per_s": rate, "batch_size": size, "skipped": skip})
-                bar.update()
-                bar.set_postfix(loss="skipped" if loss_value is None else f"{loss_value:.4f}",
-                                lr=f"{lr:.2e}", **{"samples/s": f"{rate:.1f}"}, refresh=False)
-                if index + 1 - window_start < window:
-                    continue
-
-                # --- optimizer-step boundary: step (or skip), log, then stop/checkpoint decisions -
-                if window_grads:
-                    if norm_value is None:
-                        scaler.unscale_(optimizer)
-                        norm_value = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
-                    if distributed.all_reduce_flag(not math.isfinite(norm_value)):
-                        reason = "nonfinite_grad"
-                        progress.bad_in_row += 1
-                        progress.epoch_skipped[reason] += window_grads
-                        progress.skipped[reason] += window_grads
-                        console.say(f"⚠ [{stage.name}] optimizer step after step {step} skipped: non-finite gradient")
-                        for record in window_records:
-                            if record["skipped"] is None:
-                                record["skipped"] = reason
-                        scaler.update()
-                    else:
-                        scaler.step(optimizer)
-                        scaler.update()
-                        scheduler.step()
-                        progress.optimizer_steps += 1
-                        progress.epoch_loss_sum += sum(window_losses)
-                        progress.epoch_loss_count += len(window_losses)
-                optimizer.zero_grad(set_to_none=True)
-                progress.batch = index + 1
-                progress.epoch_time = time.time() - clock
-                boundary = progress.copy()
-                boundary_rng = checkpoint.capture_rng(device)
-                if logger is not None:
-                    for record in window_records:
-                        logger.step(record)
-                window_records, window_losses, window_grads = [], [], 0
-
-                if distributed.all_reduce_flag(signals.received is not None):
-                    bar.close()
-                    raise stop_for_signal(signals, save_emergency, stage, argv, dist)
-                if progress.bad_in_row >= cfg.max_bad_steps_in_row:
-                    bar.close()
-                    path = save_emergency("too many bad steps")
-                    raise StopTraining(EXIT_BAD_STEPS, (
-                        f"✗ {progress.bad_in_row} batches in a row were skipped (out of memory or NaN/Inf; "
-                        f"limit --max-bad-steps-in-row {cfg.max_bad_steps_in_row}). Training stopped.\n"
-                        f"  Emergency checkpoint: {path}\n"
-                        f"  Skipped so far: {format_counts(progress.skipped)}. Try a smaller --batch-size or "
-                        f"--max-patches (OOM) or a lower --lr (NaN), then resume:\n"
-                        f"  {resume_command(argv, dist)}"))
-                step_in_epoch = math.ceil(progress.batch / cfg.grad_accum)
-                if step_in_epoch in periodic_at:
-                    rngs = distributed.all_gather_objects(boundary_rng)
-                    path = save("periodic", checkpoint.periodic_path(log_dir, stage.name, epoch + 1, step_in_epoch),
-                                boundary, rngs)
-                    if path is not None:
-                        checkpoint.delete_superseded(log_dir, stage.name, path)
-            bar.close()
-            train_seconds = time.time() - clock
-
-            # --- evaluation over the whole validation set --------------------------------------
-            evaluation = evaluate(model, eval_loader, eval_sampler, cfg, dist, signals,
-                                  f"[{stage.name}] Epoch {epoch + 1} Eval")
-            if evaluation is None:
-                raise stop_for_signal(signals, save_emergency, stage, argv, dist)
-            eval_loss, metrics = evaluation
-            seconds = time.time() - clock
-            train_loss = (progress.epoch_loss_sum / progress.epoch_loss_count
-                          if progress.epoch_loss_count else math.nan)
-
-            # --- best adapter, history, epoch checkpoint ---------------------------------------
-            value = eval_loss if cfg.best_metric == "eval_loss" else metrics[cfg.best_metric]
-            improved = better(cfg.best_metric, value, progress.best_value)
-            if improved:
-                progress.best_value, progress.best_epoch = value, epoch + 1
-            if better("eval_loss", eval_loss, progress.best_eval_loss):
-                progress.best_eval_loss, progress.best_eval_loss_epoch = eval_loss, epoch + 1
-            if improved and dist.is_main:
-                model.save_adapter(adapter_dir, adapter_record(cfg, stage, progress, metrics, eval_loss,
-                                                               train_scan, eval_scan))
-            entry = {
-                "epoch": epoch + 1, "train_loss": train_loss, "eval_loss": eval_loss, "time": seconds,
-                "timestamp": time.ctime(), "train_time": train_seconds,
-                "samples_per_s": progress.epoch_samples / max(train_seconds, 1e-9),
-                "lr": optimizer.param_groups[0]["lr"], "optimizer_steps": progress.optimizer_steps,
-                "samples_seen": progress.samples_seen, "gpu_memory": gpu_memory(device),
-                "metrics": metrics, "skipped": dict(progress.epoch_skipped),
-                "best_metric": cfg.best_metric, "best_value": progress.best_value,
-                "best_epoch": progress.best_epoch,
-            }
-            progress.history.append(entry)
-            if logger is not None:
-                logger.epoch(entry, cfg.epochs)
-            progress.next_epoch()
-            boundary = progress.copy()
-            boundary_rng = checkpoint.capture_rng(device)
-            rngs = distributed.all_gather_objects(boundary_rng)
-            path = save("epoch", checkpoint.epoch_path(log_dir, stage.name, epoch + 1), boundary, rngs)
-            if path is not None:
-                checkpoint.rotate_epoch_checkpoints(log_dir, stage.name, cfg.keep_epoch_checkpoints)
-                checkpoint.delete_superseded(log_dir, stage.name, path)
-            console.epoch_summary(stage.name, entry, cfg, progress, improved, adapter_dir, path)
-            release_memory(device)
-            if distributed.all_reduce_flag(signals.received is not None):
-                raise stop_for_signal(signals, save_emergency, stage, argv, dist)
-    except StopTraining:
-        raise
-    except Exception as error:
-        if bar is not None:
-            bar.close()
+    def fail(self, error):
+        """An unexpected error: report it, try the emergency checkpoint (the error then goes on)."""
+        if self.bar is not None:
+            self.bar.close()
         if not isinstance(error, Clamp3LoraError):  # those are printed once, by main
-            console.error(f"✗ [{stage.name}] training failed: {type(error).__name__}: {error}")
+            self.console.error(f"✗ [{self.stage.name}] training failed: {type(error).__name__}: {error}")
         try:
-            save_emergency(f"{type(error).__name__}", collective=False)
+            self.save_emergency(f"{type(error).__name__}", collective=False)
         except Exception as save_error:  # report it, then let the original error through
-            console.error(f"✗ the emergency checkpoint could not be saved either: {save_error}")
-        raise
-
-    # --- the stage is done -----------------------------------------------------------------------
-    seconds = time.time() - started
-    files = []
-    if dist.is_main:
-        marker = checkpoint.write_finished(log_dir, stage.name, {
-            "identity": plan.identity, "adapter": str(adapter_dir), "best_metric": cfg.best_metric,
-            "best_value": progress.best_value, "best_epoch": progress.best_epoch,
-            "optimizer_steps": progress.optimizer_steps, "samples_seen": progress.samples_seen})
-        files = [adapter_dir] + logger.files() + sorted(checkpoint.stage_checkpoints(log_dir, stage.name)) + [marker]
-        note(f"✓ {stage.name} stage finished in {seconds:.1f}s ({seconds / 60:.2f} min): best {cfg.best_metric} "
-             f"{format_value(progress.best_value)} at epoch {progress.best_epoch}, adapter {adapter_dir}")
-        note(f"  skipped batches in the stage: {format_counts(progress.skipped)}")
-        for scan in (train_scan, eval_scan):
-            if scan.bad:
-                note("⚠ bad records skipped:\n" + scan.summary(show=20))
-    distributed.barrier()
-    return StageResult(stage, seconds, cfg.best_metric, progress.best_value, progress.best_epoch, files)
+            self.console.error(f"✗ the emergency checkpoint could not be saved either: {save_error}")
 
 
-def make_optimizer(params, lr, weight_decay, device):
-    """AdamW over the LoRA weights; on CUDA its fused kernel (one launch per step for all tensors;
-    the same update and state dict as the default implementation)."""
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
+def stage_gain(stage, progress):
+    """The line that says what the stage's best adapter gained over the base model (epoch 0)."""
+    entries = {entry["epoch"]: entry for entry in progress.history}
+    best, base = entries.get(progress.best_epoch), entries.get(0)
+    if best is None or base is None or "chance" not in best:
+        return f"{stage.name} adapter: no base-model evaluation in this run's history (resumed from an older checkpoint)"
+    return gain_line(f"{stage.name} adapter", best["metrics"], base["metrics"], best["chance"], best["eval_pairs"])
 
 
-def clip_and_read(loss, params, max_grad_norm, meanwhile=None):
-    """(loss, gradient norm) as floats, with one host sync: the gradients are clipped (to
-    max_grad_norm, none when 0) on the device first. For one-batch steps without a GradScaler.
-    With `meanwhile`, returns ((loss, norm), meanwhile()), meanwhile's GPU work queued behind the
-    read, so that it runs while the host waits (step.read_scalars_during)."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)
-    if meanwhile is None:
-        return read_scalars(loss, norm)
-    return read_scalars_during(meanwhile, loss, norm)
+# --------------------------------------------------------------------------------------------
+# Helpers of a stage
 
 
-def with_next(items):
-    """Pairs (item, the item after it, or None for the last) of an iterable, one item read ahead."""
-    items = iter(items)
-    end = object()
-    item = next(items, end)
-    while item is not end:
-        following = next(items, end)
-        yield item, (None if following is end else following)
-        item = following
-
-
-def evaluate(model, loader, sampler, cfg, dist, signals, desc):
+def evaluate_split(model, loader, sampler, cfg, dist, signals, desc):
     """(eval loss, retrieval metrics) over the whole validation set, or None when a stop signal
     arrives. The loss is the CLIP loss of each global batch, averaged over samples; the metrics
     rank every validation pair against all others (features gathered from every rank, in order)."""
@@ -626,7 +584,7 @@ def evaluate(model, loader, sampler, cfg, dist, signals, desc):
             if distributed.all_reduce_flag(signals.received is not None):
                 return None
             batch = to_device(batch, dist.device)
-            with autocast(dist.device, cfg.precision):
+            with precision.autocast(dist.device, cfg.precision):
                 music = model.music_features(batch["patches"], batch["patch_mask"])
                 text = model.text_features(batch["text_ids"], batch["text_mask"])
             music, text = distributed.gather(music.float()), distributed.gather(text.float())
@@ -635,123 +593,6 @@ def evaluate(model, loader, sampler, cfg, dist, signals, desc):
             musics.append(music.cpu())
             texts.append(text.cpu())
     return loss_sum / count, retrieval_metrics(torch.cat(texts), torch.cat(musics))
-
-
-# --------------------------------------------------------------------------------------------
-# Planning a stage: fresh, resume or skip
-
-
-def stage_identity(cfg, stage, world_size):
-    """Everything a stage's numbers depend on; a checkpoint is only continued with the same."""
-    if cfg.preset:
-        base = {"preset": cfg.preset, "seed": cfg.seed}
-    else:
-        if not Path(cfg.weights).is_file():
-            raise CheckpointError(f"base checkpoint not found: {cfg.weights} (set --weights, or use --demo)")
-        base = {k: v for k, v in base_checkpoint_identity(cfg.weights).items() if k != "path"}
-    identity = {"stage": stage.name, "base": base, "text_model": cfg.text_model,
-                "train_data": file_identity(getattr(cfg, stage.train_field)),
-                "eval_data": file_identity(getattr(cfg, stage.eval_field)), "world_size": world_size}
-    for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "encoder_dropout", "epochs",
-                 "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "schedule", "max_grad_norm",
-                 "precision", "seed", "max_patches", "max_text_tokens", "instrument_removal_prob", "best_metric"):
-        identity[name] = getattr(cfg, name)
-    return identity
-
-
-def file_identity(path):
-    """Name, size and sha256 of a data file (DataError when it is missing)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(partial(handle.read, 1 << 20), b""):
-            digest.update(chunk)
-    return {"name": path.name, "size": path.stat().st_size, "sha256": digest.hexdigest()}
-
-
-def resume_path_stage(cfg, dist):
-    """With --resume PATH: the stage that checkpoint belongs to (read on rank 0), else None."""
-    if cfg.resume in ("", "auto", "fresh"):
-        return None
-    outcome = None
-    if dist.is_main:
-        try:
-            outcome = {"stage": checkpoint.read(cfg.resume)["stage"]}
-        except CheckpointError as error:
-            outcome = {"error": str(error)}
-    outcome = distributed.broadcast_object(outcome)
-    if "error" in outcome:
-        raise CheckpointError(outcome["error"])
-    return outcome["stage"]
-
-
-def plan_stage(cfg, stage, stages, resume_stage, log_dir, dist, console):
-    """Decide (on rank 0, shared with every rank) whether the stage starts fresh, resumes or is skipped."""
-    return distributed.computed_on_main(
-        lambda: decide(cfg, stage, stages, resume_stage, log_dir, dist.world_size, console))
-
-
-def decide(cfg, stage, stages, resume_stage, log_dir, world_size, console):
-    """The stage's Plan; see --resume in config.py for the rules."""
-    identity = stage_identity(cfg, stage, world_size)
-    mode = cfg.resume
-    if resume_stage is not None:
-        names = [s.name for s in stages]
-        if resume_stage not in names:
-            raise CheckpointError(f"--resume {cfg.resume}: a {resume_stage} checkpoint, but --stages is {cfg.stages}")
-        if names.index(stage.name) < names.index(resume_stage):
-            return Plan("skip", identity, note=f"{stage.name} skipped: resuming {resume_stage} from {cfg.resume}")
-        if stage.name == resume_stage:
-            state = checkpoint.load(cfg.resume, stage.name, identity)
-            return Plan("resume", identity, str(cfg.resume), state)
-        mode = "auto"
-    if mode == "fresh":
-        deleted = checkpoint.delete_stage_files(log_dir, stage.name)
-        if deleted:
-            console.say(f"⚠ --resume fresh: deleted {len(deleted)} old {stage.name} checkpoint file(s) in {log_dir}")
-        return Plan("fresh", identity)
-    if mode == "auto":
-        finished = checkpoint.read_finished(log_dir, stage.name)
-        if finished is not None:
-            saved = {k: v for k, v in finished.get("identity", {}).items() if k != "world_size"}
-            current = {k: v for k, v in identity.items() if k != "world_size"}
-            differences = checkpoint.identity_differences(saved, current)
-            if differences:
-                raise CheckpointError(
-                    f"{checkpoint.finished_path(log_dir, stage.name)}: the {stage.name} stage was finished with other "
-                    f"settings:\n  " + "\n  ".join(differences) + "\nUse the same settings, --stages to leave the "
-                    "stage out, or --resume fresh to train it again.")
-            return Plan("skip", identity, note=f"{stage.name} stage already finished "
-                        f"(best {finished.get('best_metric')} {format_value(finished.get('best_value'))} at epoch "
-                        f"{finished.get('best_epoch')}; adapter {finished.get('adapter')}) — skipped")
-        found = checkpoint.find_resume_checkpoint(log_dir, stage.name, identity, warn=console.say)
-        if found is None:
-            unusable = checkpoint.stage_checkpoints(log_dir, stage.name)
-            if unusable:
-                raise CheckpointError(
-                    f"none of the {len(unusable)} {stage.name} checkpoint(s) in {log_dir} can be used (see the "
-                    f"⚠ lines above); nothing to continue from. Start over with --resume fresh.")
-            return Plan("fresh", identity)
-        path, state = found
-        return Plan("resume", identity, str(path), state)
-    if mode == "":
-        old = checkpoint.stage_checkpoints(log_dir, stage.name)
-        if checkpoint.finished_path(log_dir, stage.name).exists():
-            old.append(checkpoint.finished_path(log_dir, stage.name))
-        if old:
-            raise Clamp3LoraError(
-                f"{log_dir} already holds {stage.name} checkpoints of an earlier run "
-                f"({', '.join(sorted(p.name for p in old)[:4])}{' ...' if len(old) > 4 else ''}).\n"
-                f"  Continue that run:       add --resume auto\n"
-                f"  Start over (deletes them): add --resume fresh")
-        return Plan("fresh", identity)
-    raise CheckpointError(f"--resume {mode}: not a checkpoint of stage {stage.name}")
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers of run_stage
 
 
 def shared_scan(path, cfg, dist):
@@ -779,22 +620,21 @@ def wrap_ddp(model, device):
                                    **no_buffer_sync)
 
 
-def ignore_stop_signals(worker_id):
-    """DataLoader worker start: leave SIGINT/SIGTERM to the main process, which stops cleanly."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def make_optimizer(params, lr, weight_decay, device):
+    """AdamW over the LoRA weights; on CUDA its fused kernel (one launch per step for all tensors;
+    the same update and state dict as the default implementation)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
 
 
-def make_loader(dataset, sampler, cfg, device):
-    """DataLoader over the sampler's batches of keys; workers with pinned memory on the GPU. Its own
-    generator keeps the global RNG untouched (so resumed runs draw the same dropout masks)."""
-    workers = cfg.num_workers
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                      collate_fn=Collator(dataset.tokenizer.pad_token_id),
-                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers > 0 else None,
-                      worker_init_fn=ignore_stop_signals if workers > 0 else None,
-                      generator=torch.Generator())
+def with_next(items):
+    """Pairs (item, the item after it, or None for the last) of an iterable, one item read ahead."""
+    items = iter(items)
+    end = object()
+    item = next(items, end)
+    while item is not end:
+        following = next(items, end)
+        yield item, (None if following is end else following)
+        item = following
 
 
 def periodic_steps(windows, per_epoch):
@@ -813,13 +653,6 @@ def lr_factor(step, warmup_steps, total_steps, schedule):
         return 1.0
     done = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
-
-
-def release_memory(device):
-    """Free what Python still holds and return cached GPU memory (between epochs, stages, after OOM)."""
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def reset_peak_memory(device):
@@ -900,64 +733,6 @@ def resume_command(argv, dist):
     return command
 
 
-def format_value(value):
-    return "n/a" if value is None else f"{value:.6f}"
-
-
-def format_counts(counts):
-    total = sum(counts.values())
-    return f"{total}" + (" (" + ", ".join(f"{k} {v}" for k, v in counts.items() if v) + ")" if total else "")
-
-
-# --------------------------------------------------------------------------------------------
-# Faults and signals
-
-
-class Faults:
-    """The fault-injection plan (see the module doc): {(kind, step): rank or None}."""
-
-    def __init__(self, faults=()):
-        self.faults = list(faults)
-
-    @classmethod
-    def parse(cls, text):
-        faults = []
-        for item in filter(None, (part.strip() for part in text.split(","))):
-            kind, _, where = item.partition("@")
-            step, _, rank = where.partition(":")
-            if kind not in FAULT_KINDS or not step.isdigit() or (rank and not rank.isdigit()):
-                raise Clamp3LoraError(f"fault injection {item!r}: expected KIND@STEP or KIND@STEP:RANK "
-                                      f"with KIND one of {', '.join(FAULT_KINDS)}")
-            faults.append((kind, int(step), int(rank) if rank else None))
-        return cls(faults)
-
-    def due(self, kind, step, rank):
-        return any(k == kind and s == step and r in (None, rank) for k, s, r in self.faults)
-
-    def raise_oom(self, step, rank, kind="oom"):
-        if self.due(kind, step, rank):
-            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected by the fault hook at step {step})")
-
-    def poison_gradient(self, step, rank, params):
-        if self.due("nangrad", step, rank):
-            for param in params:
-                if param.grad is not None:
-                    param.grad.view(-1)[0] = math.nan
-                    return
-
-    def before_batch(self, step, rank, signals):
-        """The faults that strike before a batch: a signal to this process, an unexpected error, a
-        hang (until `signals` has received a stop signal)."""
-        for kind in ("sigint", "sigterm", "sigkill"):
-            if self.due(kind, step, rank):
-                os.kill(os.getpid(), getattr(signal, kind.upper()))
-        if self.due("error", step, rank):
-            raise RuntimeError(f"unexpected failure (injected by the fault hook at step {step})")
-        if self.due("hang", step, rank):
-            while signals.received is None:
-                time.sleep(0.05)
-
-
 class StopSignals:
     """Within `with StopSignals() as signals:`, SIGINT and SIGTERM only set `signals.received`
     (the loop stops at the next step boundary). A second Ctrl+C raises KeyboardInterrupt at once."""
@@ -980,93 +755,3 @@ class StopSignals:
         for number, handler in self.previous.items():
             signal.signal(number, handler)
         return False
-
-
-# --------------------------------------------------------------------------------------------
-# Output
-
-
-class Console:
-    """Progress text on rank 0 (stdout, through tqdm so bars stay intact); errors on every rank."""
-
-    def __init__(self, dist):
-        self.enabled = dist.is_main
-        self.prefix = f"[rank {dist.rank}] " if dist.world_size > 1 else ""
-        self.color = self.enabled and sys.stdout.isatty()
-
-    def say(self, text=""):
-        if self.enabled:
-            tqdm.write(text, file=sys.stdout)
-            sys.stdout.flush()
-
-    def error(self, text):
-        tqdm.write(self.prefix + text, file=sys.stderr)
-        sys.stderr.flush()
-
-    def paint(self, text, code):
-        return f"\033[{code}m{text}\033[0m" if self.color else text
-
-    def rule(self, title):
-        self.say(self.paint("=" * WIDTH, "1;36"))
-        self.say(self.paint(title, "1;36"))
-        self.say(self.paint("=" * WIDTH, "1;36"))
-
-    def epoch_rule(self, stage, epoch, epochs):
-        self.say(self.paint(f"── [{stage}] Epoch {epoch}/{epochs} " + "─" * max(0, WIDTH - 20), "36"))
-
-    def epoch_summary(self, stage, entry, cfg, progress, improved, adapter_dir, checkpoint_path):
-        memory = entry["gpu_memory"]
-        metrics = entry["metrics"]
-        lines = [
-            f"✓ [{stage}] Epoch {entry['epoch']}/{cfg.epochs} done in {entry['time']:.1f}s ({entry['time'] / 60:.2f} min)",
-            f"    Train Loss: {entry['train_loss']:.6f}    Eval Loss: {entry['eval_loss']:.6f}",
-            f"    Best eval loss so far: {format_value(progress.best_eval_loss)} (epoch {progress.best_eval_loss_epoch})",
-        ]
-        if cfg.best_metric != "eval_loss":
-            lines.append(f"    Best {cfg.best_metric} so far: {format_value(progress.best_value)} (epoch {progress.best_epoch})")
-        lines += [
-            f"    Retrieval: t2m MRR {metrics['t2m_mrr']:.4f}, Hit@1/5/10 {metrics['t2m_hit@1']:.3f}/"
-            f"{metrics['t2m_hit@5']:.3f}/{metrics['t2m_hit@10']:.3f} | m2t MRR {metrics['m2t_mrr']:.4f}, Hit@1/5/10 "
-            f"{metrics['m2t_hit@1']:.3f}/{metrics['m2t_hit@5']:.3f}/{metrics['m2t_hit@10']:.3f}",
-            f"    GPU Memory: {memory['allocated_gb']:.2f} GB allocated, {memory['reserved_gb']:.2f} GB reserved, "
-            f"{memory['peak_gb']:.2f} GB peak",
-            f"    Throughput: {entry['samples_per_s']:.1f} samples/s    Skipped batches: {format_counts(entry['skipped'])}",
-        ]
-        if improved:
-            lines.append(f"    ✓ new best {cfg.best_metric}: adapter saved to {adapter_dir}")
-        if checkpoint_path is not None:
-            lines.append(f"    ✓ checkpoint: {checkpoint_path}")
-        self.say("\n".join(lines))
-
-
-def banner(cfg, dist, stages, console):
-    """System information: torch, CUDA, GPU name and memory, world size; and what will run."""
-    console.rule("CLaMP 3 LoRA training")
-    console.say(f"  torch {torch.__version__} | CUDA {torch.version.cuda or 'not built'} "
-                f"({'available' if torch.cuda.is_available() else 'not available'}) | Python {sys.version.split()[0]}")
-    if dist.device.type == "cuda":
-        props = torch.cuda.get_device_properties(dist.device)
-        console.say(f"  ✓ GPU {dist.device}: {props.name}, {props.total_memory / 1024 ** 3:.1f} GB, "
-                    f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}; precision {cfg.precision}")
-    else:
-        console.say("  ⚠ device: CPU (explicit --device cpu): fp32, slow; for tests and the demo")
-    backend = torch.distributed.get_backend() if dist.distributed else "none"
-    console.say(f"  world size {dist.world_size} (backend {backend}); batch {cfg.batch_size} per rank x "
-                f"{dist.world_size} x grad accum {cfg.grad_accum} = {cfg.batch_size * dist.world_size * cfg.grad_accum} "
-                f"samples per optimizer step")
-    console.say(f"  stages: {', '.join(s.name for s in stages)}; model: "
-                f"{'preset ' + cfg.preset if cfg.preset else cfg.weights}; output: {cfg.output_dir}")
-
-
-def final_summary(cfg, results, started, console):
-    hours = (time.time() - started) / 3600
-    console.rule("TRAINING COMPLETE")
-    console.say(f"✓ total time: {hours:.3f} h ({hours * 60:.1f} min)")
-    for result in results:
-        console.say(f"✓ {result.stage.name}: {result.seconds / 60:.1f} min, best {result.best_metric} "
-                    f"{format_value(result.best_value)} at epoch {result.best_epoch}")
-    if results:
-        console.say("Output files:")
-        for result in results:
-            for path in result.files:
-                console.say(f"  {path}")

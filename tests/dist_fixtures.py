@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from clamp3_lora import train
 from clamp3_lora.distributed import sample_seed
 from clamp3_lora.data import Collator, MusicTextDataset
-from clamp3_lora.fast import settings_from_config
+from clamp3_lora.speed import accelerate
 from clamp3_lora.model import load_model
 from config import TrainConfig
 
@@ -59,7 +59,7 @@ def tiny_training_model(tokenizer, seed=0):
     with torch.no_grad():
         for param in model.trainable_parameters():
             param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    model.prepare_for_training(precision="fp32", **settings_from_config(TrainConfig()))
+    accelerate(model, "fp32", TrainConfig().speed)
     model.train()
     model.text_model.eval()
     return model

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from clamp3_lora.cli import field_docs, parse_config
-from config import TrainConfig
+from config import SpeedConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,15 +15,21 @@ def test_help_lists_every_field_with_its_text():
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.split())
-    docs = field_docs(TrainConfig)
-    for field in dataclasses.fields(TrainConfig):
-        assert "--" + field.name.replace("_", "-") in text, field.name
-        assert field.name in docs, f"{field.name} has no help text in config.py"
-        assert " ".join(docs[field.name].split()[:6]) in text, field.name  # a '%' in it is shown as is
+    for cls in (TrainConfig, SpeedConfig):
+        docs = field_docs(cls)
+        for field in dataclasses.fields(cls):
+            if field.name == "speed":     # the SpeedConfig itself: its fields are the flags
+                continue
+            assert "--" + field.name.replace("_", "-") in text, field.name
+            assert field.name in docs, f"{field.name} has no help text in config.py"
+            assert " ".join(docs[field.name].split()[:6]) in text, field.name  # a '%' in it is shown as is
     assert "3-6% faster" in text
+    # the speed switches come last, in a group of their own, after the settings users need
+    assert text.index("speed switches:") > text.index("--dist-timeout-s")
+    assert text.index("--fast-encoder, --no-fast-encoder") > text.index("speed switches:")
 
 
 def test_boolean_flags_switch_both_ways():
-    assert parse_config(["--no-text-ahead"]).text_ahead is False
-    assert parse_config(["--fp32-residual"]).fp32_residual is True
+    assert parse_config(["--no-text-ahead"]).speed.text_ahead is False
+    assert parse_config(["--fp32-residual"]).speed.fp32_residual is True
     assert parse_config([]) == TrainConfig()

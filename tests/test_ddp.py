@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from clamp3_lora import checkpoint, distributed, train
+from clamp3_lora.data import make_batch_loader
 from clamp3_lora.cli import parse_config
 from clamp3_lora.data import MusicTextDataset, scan_data_file
 from clamp3_lora.distributed import Dist
@@ -92,8 +93,8 @@ def evaluation(tokenizer, records, count, batch_size, rank, world_size):
     where = Dist(rank=rank, world_size=world_size, local_rank=rank, device=CPU)
     dataset = MusicTextDataset(records[:count], model.tokenizer, train=False, max_patches=24, max_text_tokens=24)
     sampler = train.make_sampler(dataset, cfg, where, shuffle=False, what="validation")
-    loader = train.make_loader(dataset, sampler, cfg, CPU)
-    loss, metrics = train.evaluate(model, loader, sampler, cfg, where, SimpleNamespace(received=None), "eval")
+    loader = make_batch_loader(dataset, sampler, cfg.num_workers, CPU)
+    loss, metrics = train.evaluate_split(model, loader, sampler, cfg, where, SimpleNamespace(received=None), "eval")
     indices = torch.cat([distributed.gather(batch["index"]) for batch in loader]).tolist()
     return loss, metrics, indices
 

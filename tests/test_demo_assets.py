@@ -87,8 +87,28 @@ def test_abc_files_start_with_an_x_header():
 
 
 def test_demo_folder_is_small():
-    size = sum(f.stat().st_size for f in DEMO.rglob("*") if f.is_file())
-    assert size < 3_000_000, f"demo/ is {size} bytes"
+    base = DEMO / "base"
+    size = sum(f.stat().st_size for f in DEMO.rglob("*") if f.is_file() and base not in f.parents)
+    assert size < 3_000_000, f"demo/ without base/ is {size} bytes"
+    base_size = sum(f.stat().st_size for f in base.rglob("*") if f.is_file())
+    assert base_size <= 20_000_000, f"demo/base/ is {base_size} bytes (at most 20 MB)"
+
+
+def test_demo_base_is_an_official_layout_checkpoint():
+    """demo/base/clamp3_demo_base.pth: {"model": state_dict, "epoch": N}, every key of the official
+    layout for the text and symbolic encoders, loaded by the same path as real weights."""
+    import torch
+
+    from clamp3_lora import load_model
+    checkpoint = torch.load(DEMO / "base" / "clamp3_demo_base.pth", map_location="cpu", weights_only=True)
+    assert set(checkpoint) == {"model", "epoch"} and isinstance(checkpoint["epoch"], int)
+    prefixes = {key.split(".")[0] for key in checkpoint["model"]}
+    assert prefixes == {"text_model", "text_proj", "symbolic_model", "symbolic_proj"}
+    model = load_model(DEMO / "base" / "clamp3_demo_base.pth", text_model=str(DEMO / "tokenizer"))
+    assert model.base_checkpoint["file"] == "clamp3_demo_base.pth"
+    pieces = (DEMO / "base" / "pieces.tsv").read_text(encoding="utf-8").splitlines()
+    demo_files = {Path(p).stem for p in (DEMO / "abc").glob("*")} | {Path(p).stem for p in (DEMO / "mtf").glob("*")}
+    assert len(pieces) > 1000 and not {Path(line.split("\t")[0]).stem for line in pieces} & demo_files
 
 
 def test_provenance_is_recorded():

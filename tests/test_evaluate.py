@@ -12,7 +12,7 @@ import torch
 
 from clamp3_lora import evaluate
 from clamp3_lora.data import MusicTextDataset, collate, scan_data_file
-from clamp3_lora.metrics import METRIC_NAMES, retrieval_metrics
+from clamp3_lora.metrics import METRIC_NAMES, chance_metrics, retrieval_metrics
 from clamp3_lora.model import load_model
 from clamp3_lora.mtf import read_music
 from clamp3_lora.patches import patchify
@@ -114,9 +114,14 @@ def check_report(printed, report, prefix, pairs):
     """The table, JSON and PNG are there; the adapter's numbers differ from the base model's."""
     assert Path(f"{prefix}.png").read_bytes()[:8] == PNG_MAGIC
     table = Path(f"{prefix}.txt").read_text()
-    assert table.splitlines()[0].split() == ["metric", "base", "perturbed_adapter"]
+    assert table.splitlines()[0].split() == ["metric", "chance", "base", "perturbed_adapter"]
     assert "t2m_mrr" in printed and "perturbed_adapter" in printed
     assert report["pairs"] == pairs
+    # chance beside every metric: a random ranking of `pairs` pairs
+    assert report["chance"] == chance_metrics(pairs)
+    mrr_row = next(line.split() for line in table.splitlines() if line.startswith("t2m_mrr"))
+    assert float(mrr_row[1]) == pytest.approx(sum(1 / r for r in range(1, pairs + 1)) / pairs, abs=1e-4)
+    assert f"random ranking of {pairs} pairs" in table
     assert [r["name"] for r in report["results"]] == ["base", "perturbed_adapter"]
     base, adapted = (r["metrics"] for r in report["results"])
     assert list(base) == list(METRIC_NAMES) == list(adapted)
@@ -149,6 +154,29 @@ def test_evaluate_golden_checkpoint_with_and_without_adapter(golden, adapter_dir
     printed, report, prefix = run_report(tmp_path, data, ["--weights", str(weights)], [adapter_dir], capsys)
     check_report(printed, report, prefix, pairs=26)
     assert report["weights"] == str(weights)
+
+
+@pytest.mark.skipif(not (DEMO / "base" / "clamp3_demo_base.pth").is_file(), reason="demo/base/ not present")
+def test_evaluate_demo_uses_the_demo_base_and_tokenizer(tmp_path, capsys):
+    """--demo: the demo base checkpoint, tokenizer and segment length, with no other model flag."""
+    out = tmp_path / "report"
+    code = evaluate.main(["--demo", "--data", str(DEMO / "abc_eval.jsonl"), "--device", "cpu", "--quiet",
+                          "--out-dir", str(out)])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "evaluation_abc_eval.json").read_text())
+    assert report["weights"] == "demo/base/clamp3_demo_base.pth" and report["text_model"] == "demo/tokenizer"
+    assert report["segments"]["patches"] == 256 and report["pairs"] == 30
+
+
+def test_an_eval_set_of_one_pair_is_refused_clearly(tmp_path, capsys):
+    record = json.loads((DEMO / "abc_eval.jsonl").read_text().splitlines()[0])
+    record["filepaths"] = [str(DEMO / p) for p in record["filepaths"]]
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps(record) + "\n")
+    code = evaluate.main(["--data", str(data), "--preset", "tiny", "--text-model", TOKENIZER, "--device", "cpu",
+                          "--quiet", "--out-dir", str(tmp_path / "report")])
+    assert code == 2
+    assert "1 usable text-music pair(s)" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

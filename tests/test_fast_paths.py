@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from clamp3_lora import fast
+from clamp3_lora.speed import accelerate, fast
 from clamp3_lora.errors import Clamp3LoraError
 from clamp3_lora.model import clip_loss, load_model
 
@@ -105,8 +105,8 @@ def test_fp32_fast_path_equals_plain_path_eval(settings):
     model = tiny_model().eval()
     batch = make_batch(hole=True)
     plain = step_outputs(model, batch)
-    state = model.prepare_for_training("fp32", **settings)
-    assert state["fast_encoder"] and state["compile"] == "none" and not state["bf16_weights"]
+    state = accelerate(model, "fp32", **settings)
+    assert state["fast_encoder"] and state["compile_layers"] == "none" and not state["bf16_weights"]
     assert_close(step_outputs(model, batch), plain, FP32_TOL)
 
 
@@ -115,7 +115,7 @@ def test_fp32_fast_path_equals_plain_path_in_training_mode_without_dropout():
     no_dropout(model)
     batch = make_batch(seed=3, lengths=(30, 2, 11), text_lengths=(4, 9, 6))
     plain = step_outputs(model, batch)
-    model.prepare_for_training("fp32")
+    accelerate(model, "fp32")
     assert_close(step_outputs(model, batch), plain, FP32_TOL)
 
 
@@ -136,13 +136,13 @@ def test_fused_lora_with_a_subset_of_targets_lora_bias_and_odd_scale_equals_plai
     batch = make_batch(seed=6, lengths=(12, 5, 1), text_lengths=(3, 8, 2))
     plain = step_outputs(model, batch)
     assert any("lora_B" in name and name.endswith("bias") for name in plain[3])
-    model.prepare_for_training("fp32", shared_lora_dropout=True)
+    accelerate(model, "fp32", shared_lora_dropout=True)
     assert_close(step_outputs(model, batch), plain, FP32_TOL)
 
 
 def test_padding_is_invisible_to_the_fast_path():
     model = tiny_model().eval()
-    model.prepare_for_training("fp32")
+    accelerate(model, "fp32")
     tight = make_batch(seed=5, lengths=(6, 3, 9))
     wide = make_batch(seed=5, lengths=(6, 3, 9), width=40)
     wide["patches"][:, :9] = tight["patches"]
@@ -202,7 +202,7 @@ def test_dense_attention_is_chosen_for_full_rows_only_and_computes_the_same(monk
     no_dropout(model)
     full = make_batch(seed=8, lengths=(9, 9, 9), text_lengths=(5, 5, 5))
     plain = step_outputs(model, full)
-    model.prepare_for_training("fp32")
+    accelerate(model, "fp32")
     kinds = []
     real_kind = fast.attention_kind
     monkeypatch.setattr(fast, "dense_available", lambda device, dtype, head_size: True)
@@ -213,7 +213,7 @@ def test_dense_attention_is_chosen_for_full_rows_only_and_computes_the_same(monk
     step_outputs(model, make_batch(seed=8, lengths=(9, 4, 9), text_lengths=(5, 5, 5)))
     assert kinds == ["padded", "dense"]  # varlen needs CUDA; the texts are still full
     kinds.clear()
-    model.prepare_for_training("fp32", dense_attention=False)
+    accelerate(model, "fp32", dense_attention=False)
     step_outputs(model, full)
     assert kinds == ["padded", "padded"]
 
@@ -249,8 +249,8 @@ def test_bf16_paths_match_fp32():
     plain_bf16 = step_outputs(model, batch, autocast=True)
     for settings in SETTINGS:
         model.fast = None
-        model.prepare_for_training("bf16", **settings)
-        fast.store_frozen_weights(model, torch.bfloat16)  # prepare_for_training does this on CUDA only
+        accelerate(model, "bf16", **settings)
+        fast.store_frozen_weights(model, torch.bfloat16)  # accelerate does this on CUDA only
         out = step_outputs(model, batch, autocast=True)
         assert_close(out, plain, BF16_TOL, grad_tol=1.0)
         error = rel(all_grads(out[3]), all_grads(plain[3]))
@@ -268,7 +268,7 @@ def test_bf16_storage_keeps_lora_weights_fp32_and_adapters_standard(tmp_path):
             assert param.dtype == torch.float32, name
         elif param.dim() == 2:
             assert param.dtype == torch.bfloat16, name
-    model.prepare_for_training("fp32")
+    accelerate(model, "fp32")
     batch = make_batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = clip_loss(model.music_features(batch["patches"], batch["patch_mask"]),
@@ -291,7 +291,7 @@ def test_lora_dropout_masks_per_layer(monkeypatch, shared, ahead):
     for module in model.modules():
         if isinstance(module, nn.Dropout) and module.p != 0.37:
             module.p = 0.0
-    model.prepare_for_training("fp32", shared_lora_dropout=shared, keep_masks=ahead)
+    accelerate(model, "fp32", shared_lora_dropout=shared, keep_masks=ahead)
     draws, ahead_draws = [], []
     real_dropout, real_keep = torch.nn.functional.dropout, fast.dropout_keep
 
@@ -318,7 +318,7 @@ def test_lora_dropout_masks_per_layer(monkeypatch, shared, ahead):
 
 def test_training_mode_dropout_is_random_and_eval_is_not():
     model = tiny_model()
-    model.prepare_for_training("fp32")
+    accelerate(model, "fp32")
     batch = make_batch()
     model.train()
     with torch.no_grad():
@@ -332,22 +332,23 @@ def test_training_mode_dropout_is_random_and_eval_is_not():
     assert torch.equal(c, d)
 
 
-def test_prepare_for_training_on_cpu_and_off_switch():
+def test_accelerate_on_cpu_and_off_switch():
     model = tiny_model()
-    state = model.prepare_for_training("bf16")
-    assert state == {"fast_encoder": True, "compile": "none", "bf16_weights": False,
+    state = accelerate(model, "bf16")
+    assert state == {"fast_encoder": True, "compile_layers": "none", "bf16_weights": False,
                      "shared_lora_dropout": True, "fp32_residual": False, "patch_kernel": False,
-                     "attention": "auto", "dense_attention": False, "keep_masks": True, "cuda_graphs": False}
-    assert model.prepare_for_training("bf16", fast_encoder=False)["fast_encoder"] is False
+                     "attention": "auto", "dense_attention": False, "keep_masks": True, "text_ahead": True,
+                     "cuda_graphs": False}
+    assert accelerate(model, "bf16", fast_encoder=False)["fast_encoder"] is False
     assert model.fast is None
     with pytest.raises(Clamp3LoraError, match="attention mode"):
-        model.prepare_for_training("bf16", attention="magic")
-    with pytest.raises(Clamp3LoraError, match="compile mode"):
-        model.prepare_for_training("bf16", compile="everything")
+        accelerate(model, "bf16", attention="magic")
+    with pytest.raises(Clamp3LoraError, match="unknown speed switch"):
+        accelerate(model, "bf16", compile="everything")
 
 
-def test_prepare_for_training_reports_dense_attention_where_it_runs(monkeypatch):
-    from clamp3_lora import model as model_module
+def test_accelerate_reports_dense_attention_where_it_runs(monkeypatch):
+    from clamp3_lora import speed as model_module
     asked = []
 
     def available(device, dtype, head_size):
@@ -355,17 +356,33 @@ def test_prepare_for_training_reports_dense_attention_where_it_runs(monkeypatch)
         return True
     monkeypatch.setattr(model_module, "dense_available", available)
     model = tiny_model()
-    assert model.prepare_for_training("fp16")["dense_attention"] is True
+    assert accelerate(model, "fp16")["dense_attention"] is True
     config = model.symbolic_model.bert.config
     assert asked == [("cpu", torch.float16, config.hidden_size // config.num_attention_heads)]
-    assert model.prepare_for_training("fp16", dense_attention=False)["dense_attention"] is False
-    assert model.prepare_for_training("fp16", fast_encoder=False)["dense_attention"] is False
+    assert accelerate(model, "fp16", dense_attention=False)["dense_attention"] is False
+    assert accelerate(model, "fp16", fast_encoder=False)["dense_attention"] is False
 
 
-def test_settings_from_config_matches_prepare_for_training():
-    import inspect
+def test_every_speed_switch_is_one_field_one_flag_and_reaches_the_speed_paths():
+    """SpeedConfig's fields are the flags of the help's speed group, under the same names, and
+    accelerate reads them from a SpeedConfig; --plain turns every switch off (explicit flags win)."""
+    import dataclasses
 
-    from config import TrainConfig
-    settings = fast.settings_from_config(TrainConfig())
-    accepted = inspect.signature(type(tiny_model()).prepare_for_training).parameters
-    assert set(settings) <= set(accepted)
+    from clamp3_lora.cli import build_parser, parse_config
+    from clamp3_lora.config import SpeedConfig
+    parser = build_parser("test")
+    group = next(g for g in parser._action_groups if g.title == "speed switches")
+    flags = {action.dest for action in group._group_actions}
+    assert flags == {f.name for f in dataclasses.fields(SpeedConfig)}
+    for field in dataclasses.fields(SpeedConfig):
+        if field.type in (bool, "bool"):
+            flipped = not field.default
+            flag = f"--{'' if flipped else 'no-'}{field.name.replace('_', '-')}"
+            assert getattr(parse_config([flag]).speed, field.name) is flipped
+    plain = parse_config(["--plain"]).speed
+    assert not any(getattr(plain, f.name) for f in dataclasses.fields(SpeedConfig) if f.type in (bool, "bool"))
+    assert parse_config(["--plain", "--cuda-graphs"]).speed.cuda_graphs is True
+    model = tiny_model()
+    assert accelerate(model, "fp32", plain)["fast_encoder"] is False and model.fast is None
+    state = accelerate(model, "fp32", SpeedConfig(shared_lora_dropout=False, keep_masks=False))
+    assert model.fast.speed.shared_lora_dropout is False and state["keep_masks"] is False

@@ -5,7 +5,7 @@ masks again after the random state is restored)."""
 import pytest
 import torch
 
-from clamp3_lora import fast, graphs
+from clamp3_lora.speed import accelerate, fast, graphs
 from clamp3_lora.data import add_packing
 from clamp3_lora.model import clip_loss
 from test_fast_paths import FP32_TOL, make_batch, no_dropout, rel, step_outputs, tiny_model
@@ -77,7 +77,7 @@ def test_fixed_shape_layout_equals_the_fast_path_in_fp32(extra, hole):
     model.train()
     model.text_model.eval()
     batch = add_packing(make_batch(lengths=(23, 1, 7, 16, 3, 40, 2), hole=hole))
-    model.prepare_for_training("fp32")
+    accelerate(model, "fp32")
     reference = step_outputs(model, batch)
     size = None if extra is None else max(batch["patch_index"].shape[0], batch["text_index"].shape[0]) + extra
     music, text, loss, grads = flat_outputs(model, batch, size)
@@ -94,7 +94,7 @@ def test_fixed_shape_layout_of_a_full_batch_with_dense_attention_equals_the_fast
     model.train()
     model.text_model.eval()
     batch = add_packing(make_batch(lengths=(16, 16, 16, 16)))
-    model.prepare_for_training("fp32")
+    accelerate(model, "fp32")
     reference = step_outputs(model, batch)
     kinds = []
     real_kind = fast.attention_kind
@@ -108,8 +108,8 @@ def test_fixed_shape_layout_of_a_full_batch_with_dense_attention_equals_the_fast
 
 def test_cuda_graphs_stay_off_on_the_cpu_and_can_be_switched_off():
     model = tiny_model()
-    assert model.prepare_for_training("fp32")["cuda_graphs"] is False and model.graphs is None
-    assert model.prepare_for_training("fp32", cuda_graphs=False)["cuda_graphs"] is False
+    assert accelerate(model, "fp32")["cuda_graphs"] is False and model.graphs is None
+    assert accelerate(model, "fp32", cuda_graphs=False)["cuda_graphs"] is False
 
 
 def test_the_captured_backward_reaches_views_of_the_lora_weights_not_their_gradient_hooks():
@@ -118,7 +118,7 @@ def test_the_captured_backward_reaches_views_of_the_lora_weights_not_their_gradi
     model = tiny_model()
     no_dropout(model)
     model.train()
-    model.prepare_for_training("fp32")
+    accelerate(model, "fp32")
     batch = add_packing(make_batch(lengths=(23, 1, 7, 16)))
     params = [p for p in model.symbolic_model.parameters() if p.requires_grad]
     fired = []
@@ -183,7 +183,7 @@ def test_graph_replays_give_the_fast_path_features_and_accumulate_gradients_corr
     no_dropout(model)
     model.train()
     model.text_model.eval()
-    model.prepare_for_training("fp32")
+    accelerate(model, "fp32")
     first = add_packing(make_batch(seed=1, lengths=(23, 1, 7, 16)))
     second = add_packing(make_batch(seed=2, lengths=(20, 3, 9, 15)))   # the same bucket as `first`
     other = add_packing(make_batch(seed=3, lengths=(40, 30, 2, 9)))
@@ -225,7 +225,7 @@ def test_the_list_of_trainable_weights_is_kept_between_steps_and_follows_changes
     """EncoderGraphs._params walks the modules once (it runs before every step's first launch), yet
     gives what a fresh walk gives after requires_grad or the encoder's parts change."""
     model = tiny_model()
-    model.prepare_for_training("fp32")
+    accelerate(model, "fp32")
     kept = graphs.EncoderGraphs(model)
 
     def same_as_a_fresh_walk():
@@ -255,7 +255,7 @@ def test_music_inputs_laid_out_ahead_are_used_by_their_own_batch_only(monkeypatc
     no_dropout(model)
     model.train()
     model.text_model.eval()
-    model.prepare_for_training("fp32")
+    accelerate(model, "fp32")
     model.graphs = EagerGraphs(model)
     first = add_packing(make_batch(seed=1, lengths=(23, 1, 7, 16)))
     other = add_packing(make_batch(seed=2, lengths=(20, 3, 9, 15)))   # the same shape and bucket

@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 SCRIPT = textwrap.dedent("""
     import torch, torch.nn.functional as F
-    from clamp3_lora import fast, kernels
+    from clamp3_lora.speed import accelerate, fast, kernels
     from clamp3_lora.model import load_model
 
     def rel(a, b):
@@ -49,9 +49,9 @@ SCRIPT = textwrap.dedent("""
     mask = torch.ones(3, 9, dtype=torch.long)
     mask[1, 5:] = 0
     ref = model.music_features(patches, mask)
-    assert model.prepare_for_training("fp32", patch_kernel=True)["patch_kernel"]
+    assert accelerate(model, "fp32", patch_kernel=True)["patch_kernel"]
     with_kernel = model.music_features(patches, mask)
-    model.prepare_for_training("fp32", patch_kernel=False)
+    accelerate(model, "fp32", patch_kernel=False)
     without = model.music_features(patches, mask)
     assert rel(with_kernel, ref) < 1e-5 and rel(without, ref) < 1e-5, (rel(with_kernel, ref), rel(without, ref))
     print("ok")
@@ -72,7 +72,7 @@ def test_patch_kernel_equals_embedding_bag_under_the_interpreter():
 
 KEEP_SCRIPT = textwrap.dedent("""
     import torch
-    from clamp3_lora import kernels
+    from clamp3_lora.speed import accelerate, kernels
     from clamp3_lora.model import load_model
 
     assert kernels.available(torch.device("cpu"))
@@ -97,7 +97,7 @@ KEEP_SCRIPT = textwrap.dedent("""
     torch.manual_seed(0)
     model = load_model(None, preset="tiny", text_model=None)
     model.add_adapter()
-    model.prepare_for_training("fp32")
+    accelerate(model, "fp32")
     model.train()
     patches = torch.randint(0, 128, (3, 9, 64))
     mask = torch.ones(3, 9, dtype=torch.long)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from clamp3_lora.metrics import METRIC_NAMES, better, positive_ranks, retrieval_metrics
+from clamp3_lora.metrics import METRIC_NAMES, better, chance_metrics, gain_line, positive_ranks, retrieval_metrics
 
 # Hand-made cosine scores: entry (i, j) is the score of text i against music j.
 SCORES = [
@@ -138,3 +138,27 @@ def test_better():
     assert not better("m2t_median_rank", 3.0, 2.0)
     assert not better("eval_loss", float("nan"), 1.0)
     assert better("eval_loss", 5.0, float("nan"))
+
+
+def test_chance_metrics_are_those_of_a_random_ranking():
+    assert chance_metrics(1)["t2m_mrr"] == 1.0
+    two = chance_metrics(2)
+    assert two["t2m_mrr"] == pytest.approx(0.75) and two["m2t_hit@1"] == 0.5 and two["t2m_hit@5"] == 1.0
+    assert two["t2m_mean_rank"] == 1.5
+    # the average over every ranking of 6 pairs, counted by hand
+    ranks = range(1, 7)
+    six = chance_metrics(6)
+    assert six["t2m_mrr"] == pytest.approx(sum(1 / r for r in ranks) / 6)
+    assert six["m2t_hit@5"] == pytest.approx(5 / 6)
+    assert list(six) == list(METRIC_NAMES)
+    # and what random features score on average over many sets of 30
+    torch.manual_seed(0)
+    mrrs = [retrieval_metrics(torch.randn(30, 8), torch.randn(30, 8))["t2m_mrr"] for _ in range(300)]
+    assert sum(mrrs) / len(mrrs) == pytest.approx(chance_metrics(30)["t2m_mrr"], abs=0.01)
+    with pytest.raises(ValueError):
+        chance_metrics(0)
+
+
+def test_gain_line():
+    line = gain_line("ABC adapter", {"t2m_mrr": 0.4123}, {"t2m_mrr": 0.2201}, chance_metrics(30), 30)
+    assert line == "ABC adapter: text→music MRR 0.41 (base 0.22, chance 0.13) on 30 held-out pairs"

@@ -96,7 +96,7 @@ def test_checkpoint_contents(killed):
     progress = state["progress"]
     assert (progress["epoch"], progress["batch"], progress["micro_step"]) == (1, 2, 6)
     assert progress["optimizer_steps"] == 6 and progress["samples_seen"] == 24
-    assert progress["best_epoch"] == 1 and len(progress["history"]) == 1
+    assert progress["best_epoch"] == 1 and [e["epoch"] for e in progress["history"]] == [0, 1]
     assert state["sampler"]["position"] == 2 and state["sampler"]["epoch"] == 1 and state["sampler"]["seed"] == 1
     assert set(state["rng"][0]) == {"python", "numpy", "torch", "cuda"}
     assert state["optimizer"]["state"] and state["scheduler"]["last_epoch"] == 6

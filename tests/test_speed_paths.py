@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from clamp3_lora import fast
+from clamp3_lora.speed import accelerate, fast
 from clamp3_lora.data import (Collator, MusicTextDataset, PatchCache, encode_text, evaluation_text,
                               scan_data_file, training_text)
 from clamp3_lora.model import load_model
@@ -116,7 +116,7 @@ def test_features_with_collated_packing_equal_features_without():
     torch.manual_seed(0)
     model = load_model(None, preset="tiny", text_model=None)
     model.add_adapter()
-    model.prepare_for_training("fp32")
+    accelerate(model, "fp32")
     model.eval()
     gen = torch.Generator().manual_seed(3)
     items = [{"patches": torch.randint(0, 128, (n, 64), generator=gen),
@@ -153,7 +153,7 @@ def test_text_ahead_gives_the_batch_own_text_features(monkeypatch):
     torch.manual_seed(0)
     model = load_model(None, preset="tiny", text_model=None)
     model.add_adapter()
-    model.prepare_for_training("fp32")
+    accelerate(model, "fp32")
     model.train()
     model.text_model.eval()
     gen = torch.Generator().manual_seed(4)

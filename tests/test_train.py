@@ -31,9 +31,10 @@ def test_injected_oom_and_nan_skip_exactly_those_batches(tmp_path_factory, tmp_p
     assert skipped == {0: None, 1: "oom", 2: None, 3: "nonfinite_loss", 4: None, 5: "nonfinite_grad",
                        6: None, 7: None}
     history = read_history(output)
-    assert history[0]["skipped"] == {"oom": 1, "nonfinite_loss": 1, "nonfinite_grad": 0}
-    assert history[1]["skipped"] == {"oom": 0, "nonfinite_loss": 0, "nonfinite_grad": 1}
-    assert history[1]["optimizer_steps"] == 5  # 8 batches, 3 of them without an update
+    assert history[0]["epoch"] == 0 and history[0]["skipped"] == {}      # the base model, before training
+    assert history[1]["skipped"] == {"oom": 1, "nonfinite_loss": 1, "nonfinite_grad": 0}
+    assert history[2]["skipped"] == {"oom": 0, "nonfinite_loss": 0, "nonfinite_grad": 1}
+    assert history[2]["optimizer_steps"] == 5  # 8 batches, 3 of them without an update
     log = (log_dir(output) / "ABC_training.log").read_text()
     assert "Skipped Batches: 2 (oom: 1, nonfinite_loss: 1" in log
     assert "Skipped Batches: 1 (" in log
@@ -70,7 +71,7 @@ def test_unexpected_error_saves_an_emergency_checkpoint_and_is_raised(tmp_path_f
     assert resumed.returncode == 0, explain(resumed)
     assert f"resumed from {emergency}: epoch 2, batch 0/4" in resumed.stdout
     assert [s["step"] for s in read_steps(output)] == list(range(8))
-    assert read_history(output)[1]["optimizer_steps"] == 4
+    assert read_history(output)[2]["optimizer_steps"] == 4
 
 
 def test_rotation_keeps_three_epoch_checkpoints_and_the_best_adapter(tmp_path):

@@ -1,7 +1,7 @@
 """Fast paths of the encoders: the same function as the transformers modules, computed faster.
 
-`Clamp3.prepare_for_training(...)` switches them on; `Clamp3.text_features` and `music_features`
-then call `text_hidden` / `music_hidden` here instead of the transformers forward. The weights stay
+`speed.accelerate(model, ...)` switches them on (model.fast = FastPaths); `Clamp3.text_features`
+and `music_features` then call its `text_hidden` / `music_hidden` instead of the transformers forward. The weights stay
 the transformers/peft parameters (adapters keep peft's standard format); only the computation
 differs:
 
@@ -13,8 +13,7 @@ differs:
   as one matmul, LoRA, attention, residuals, LayerNorm, GELU, dropout). With compile="layer" it is
   one torch.compile graph reused by all layers (weights are inputs); attention sits in it as the
   aten flash-attention call, which inductor runs as an opaque kernel (it cannot rewrite it into
-  the slow unfused attention seen when SDPA was compiled). compile="regions" compiles the two
-  regions around attention instead and leaves attention outside.
+  the slow unfused attention seen when SDPA was compiled).
 - Shared LoRA dropout: one dropout mask of a layer's input feeds the LoRA of query, key and value
   (one [T, hidden] x [hidden, 3r] matmul) instead of three masks; each projection's LoRA still sees
   its input dropped with probability p, as in peft.
@@ -34,57 +33,37 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..config import SpeedConfig
+from ..errors import Clamp3LoraError
 from . import kernels
-from .errors import Clamp3LoraError
+from .packing import packing
 
 ATTENTION_MODES = ("auto", "varlen", "padded")
-COMPILE_MODES = ("layer", "regions", "none")
 
 
 @dataclass(frozen=True)
 class FastPaths:
-    """Which fast paths a model uses (Clamp3.fast; None means the plain transformers forward)."""
+    """The fast encoder paths a model runs (Clamp3.fast, set by speed.accelerate): the SpeedConfig
+    switches, and torch.compile's mode resolved for the device ("layer": each whole layer one graph,
+    attention in it as the aten flash kernel, an opaque call inductor cannot rewrite; "none": eager,
+    always on the CPU). The model calls text_hidden / music_hidden."""
 
+    speed: SpeedConfig
     compile: str = "none"
-    """CUDA only. "layer": torch.compile each whole layer as one graph (attention in it as the aten
-    flash kernel, an opaque call inductor cannot rewrite); "regions": compile the two regions
-    around attention, attention left outside; "none": eager."""
-    shared_lora_dropout: bool = True
-    """One LoRA dropout mask per layer input for query/key/value (one fused LoRA matmul)."""
-    attention: str = "auto"
-    """varlen (flash attention over packed tokens, CUDA bf16/fp16), padded (SDPA over rows padded to
-    the longest piece, key-masked), or auto (varlen where it can run, else padded)."""
-    fp32_residual: bool = False
-    """Keep the residual stream (LayerNorm outputs) in fp32, as autocast does; False keeps it in the
-    compute dtype (less memory traffic, slightly larger rounding error)."""
-    patch_kernel: bool = True
-    """Sum the patch embedding's rows with the Triton kernel of clamp3_lora/kernels.py where it can
-    run (CUDA with Triton) instead of embedding_bag."""
-    dense_attention: bool = True
-    """Batches whose rows are all full (T = B x L real tokens): attention as cuDNN's dense attention
-    over [B, heads, L, head size] views of the packed tokens where it can run (`dense_available`),
-    instead of flash attention's variable-length kernel (the same function; faster backward)."""
-    keep_masks: bool = True
-    """In training, draw each layer's dropout masks (LoRA input, attention output, feed-forward output)
-    ahead of the layer, four elements per random-number call (kernels.keep_masks; torch.rand
-    without Triton), instead of inside the layer's kernels (the same dropout)."""
 
     def residual_dtype(self, cd):
-        return torch.float32 if self.fp32_residual else cd
+        """The residual stream's dtype: fp32 with speed.fp32_residual, else the compute dtype."""
+        return torch.float32 if self.speed.fp32_residual else cd
+
+    def text_hidden(self, text_model, input_ids, attention_mask, packed=None):
+        return text_hidden(text_model, input_ids, attention_mask, self, packed)
+
+    def music_hidden(self, encoder, patches, patch_mask, packed=None):
+        return music_hidden(encoder, patches, patch_mask, self, packed)
 
 
 # --------------------------------------------------------------------------------------------
 # Packed tokens
-
-
-def packing(mask):
-    """(index, cu) of the real tokens of a [B, L] mask (nonzero = real token): index [T] int64, the
-    flat positions row * L + column in row-major order; cu [B + 1] int32, the cumulative token
-    counts. On a CPU mask this needs no device sync; Tokens.of takes the result as `packed`."""
-    real = mask != 0
-    index = real.reshape(-1).nonzero().squeeze(1)
-    cu = F.pad(real.sum(1).cumsum(0), (1, 0)).to(torch.int32)
-    return index, cu
 
 
 @dataclass
@@ -158,12 +137,12 @@ def dense_available(device, dtype, head_size):
 
 def attention_kind(options, tokens, device, dtype, head_size):
     """The attention of a batch: "dense" (rows all full, cuDNN), "varlen" (flash attention over
-    packed tokens) or "padded" (SDPA over padded rows), as options.attention allows."""
-    if options.attention == "padded":
+    packed tokens) or "padded" (SDPA over padded rows), as options.speed.attention allows."""
+    if options.speed.attention == "padded":
         return "padded"
-    if options.dense_attention and tokens.dense_length and dense_available(device, dtype, head_size):
+    if options.speed.dense_attention and tokens.dense_length and dense_available(device, dtype, head_size):
         return "dense"
-    if options.attention == "varlen" or varlen_available(device, dtype, head_size):
+    if options.speed.attention == "varlen" or varlen_available(device, dtype, head_size):
         return "varlen"
     return "padded"
 
@@ -460,7 +439,7 @@ def _layer_parts(layer, where):
             _linear_parts(layer.output.dense, where), _norm(layer.output.LayerNorm), float(layer.output.dropout.p))
 
 
-def _encoder_parts(bert):
+def encoder_parts(bert):
     """Every layer's parts, cached on the encoder: rebuilt when an adapter is added, removed,
     merged, disabled or switched, or a dropout probability changes (checked on the first layer)."""
     first = bert.encoder.layer[0]
@@ -490,61 +469,50 @@ def compute_dtype(device_type, weight):
 
 def encode(bert, h, tokens, options, cd, parts=None):
     """Run the layers of a BertModel/XLMRobertaModel over packed tokens h [T, hidden] -> [T, hidden].
-    `parts`: the layers' tensors (default: _encoder_parts(bert), the module's own)."""
+    `parts`: the layers' tensors (default: encoder_parts(bert), the module's own)."""
     training = bert.training
     mode = options.compile if h.is_cuda else "none"
     compiled = mode != "none"
     rd = options.residual_dtype(cd)
-    parts = _encoder_parts(bert) if parts is None else parts
+    parts = encoder_parts(bert) if parts is None else parts
     head_size = parts[0][4]
     kind = attention_kind(options, tokens, h.device, cd, head_size)
     layout = _dynamic_layout(tokens.attention_layout(kind), compiled)
-    draw = options.keep_masks and training
+    draw = options.speed.keep_masks and training
     seed = torch.randint(2 ** 62, (1,), device=h.device) if draw and kernels.available(h.device) else None
 
     def keep(i, layer_parts):
         """Layer i's keep-masks, drawn ahead of it (None: the layer's own F.dropout draws, if any)."""
         query, key, value = layer_parts[:3]
-        lora_p = (shared_lora_p(query, key, value) if options.shared_lora_dropout else None) or 0.0
+        lora_p = (shared_lora_p(query, key, value) if options.speed.shared_lora_dropout else None) or 0.0
         if not draw or not (lora_p or layer_parts[-1]):
             return None
         return _dynamic(dropout_keep(h, i, seed, lora_p, layer_parts[-1]), compiled, 1)
 
-    if mode in ("layer", "none"):
-        layer = _region("layer_forward", mode == "layer")
-        for i, layer_parts in enumerate(parts):
-            h = layer(_dynamic(h, compiled), layout, layer_parts, training, options.shared_lora_dropout, cd, rd,
-                      keep(i, layer_parts))
-        return h
-    inputs_region = _region("attention_inputs", True)
-    output_region = _region("attention_output_and_ffn", True)
+    layer = _region("layer_forward", mode == "layer")
     for i, layer_parts in enumerate(parts):
-        (query, key, value, heads, size, attention_p, out, norm1, inter, ffn, norm2, hidden_p) = layer_parts
-        masks = keep(i, layer_parts)
-        q, k, v = inputs_region(_dynamic(h, True), query, key, value, heads, training,
-                                options.shared_lora_dropout, cd, None if masks is None else masks[0])
-        ctx = attend(q, k, v, layout, attention_p if training else 0.0, size ** -0.5)
-        h = output_region(_dynamic(ctx.reshape(ctx.shape[0], -1), True), _dynamic(h, True), out, norm1, inter,
-                          ffn, norm2, hidden_p, training, cd, rd, masks)
+        h = layer(_dynamic(h, compiled), layout, layer_parts, training, options.speed.shared_lora_dropout, cd, rd,
+                  keep(i, layer_parts))
     return h
 
 
-def _embeddings(bert, x, positions, options, cd):
-    embeddings = bert.embeddings
+def embeddings(bert, x, positions, options, cd):
+    """The embedding layer's output [T, hidden] for token inputs x [T, hidden] at `positions`."""
+    module = bert.embeddings
     compiled = options.compile != "none" and x.is_cuda
     region = _region("embeddings_out", compiled)
-    rows = embeddings.position_embeddings.weight.index_select(0, positions)
-    token_type = embeddings.token_type_embeddings.weight[0]
+    rows = module.position_embeddings.weight.index_select(0, positions)
+    token_type = module.token_type_embeddings.weight[0]
     return region(_dynamic(x, compiled), token_type, _dynamic(rows, compiled),
-                  _norm(embeddings.LayerNorm), float(embeddings.dropout.p), bert.training,
+                  _norm(module.LayerNorm), float(module.dropout.p), bert.training,
                   options.residual_dtype(cd))
 
 
 def embed_patches(encoder, flat, options):
     """flat [N, P] patches -> [N, hidden]: encoder.embed_patches, or the Triton gather-sum (the same
-    sums) when options.patch_kernel and it can run and the embedding is frozen."""
+    sums) when options.speed.patch_kernel and it can run and the embedding is frozen."""
     linear = encoder.patch_embedding
-    if options.patch_kernel and kernels.available(flat.device) and not linear.weight.requires_grad:
+    if options.speed.patch_kernel and kernels.available(flat.device) and not linear.weight.requires_grad:
         return kernels.patch_embedding(flat, linear.weight.t().contiguous(), linear.bias, encoder.patch_classes)
     return encoder.embed_patches(flat.unsqueeze(0)).squeeze(0)
 
@@ -559,9 +527,15 @@ def music_hidden(encoder, patches, patch_mask, options, packed=None):
     flat = patches.reshape(-1, patches.shape[-1]).index_select(0, tokens.index)
     with torch.autocast(device_type, enabled=False):
         x = embed_patches(encoder, flat, options)
-        h = _embeddings(bert, x, tokens.column, options, cd)
+        h = embeddings(bert, x, tokens.column, options, cd)
         h = encode(bert, h, tokens, options, cd)
         return tokens.pad(h.float())
+
+
+def xlmr_positions(input_ids, pad_id):
+    """XLM-R's position ids [B, T]: real tokens count from pad_id + 1, padding sits at pad_id."""
+    not_pad = input_ids.ne(pad_id).int()
+    return (torch.cumsum(not_pad, dim=1).type_as(not_pad) * not_pad).long() + pad_id
 
 
 def text_hidden(text_model, input_ids, attention_mask, options, packed=None):
@@ -571,13 +545,12 @@ def text_hidden(text_model, input_ids, attention_mask, options, packed=None):
     cd = compute_dtype(device_type, text_model.encoder.layer[0].intermediate.dense.weight)
     tokens = Tokens.of(attention_mask, packed)
     pad_id = text_model.embeddings.padding_idx
-    not_pad = input_ids.ne(pad_id).int()
-    positions = (torch.cumsum(not_pad, dim=1).type_as(not_pad) * not_pad).long() + pad_id
+    positions = xlmr_positions(input_ids, pad_id)
     ids = input_ids.reshape(-1).index_select(0, tokens.index)
     positions = positions.reshape(-1).index_select(0, tokens.index)
     with torch.autocast(device_type, enabled=False):
         x = text_model.embeddings.word_embeddings.weight.index_select(0, ids)
-        h = _embeddings(text_model, x, positions, options, cd)
+        h = embeddings(text_model, x, positions, options, cd)
         h = encode(text_model, h, tokens, options, cd)
         return tokens.pad(h.float())
 
@@ -591,19 +564,3 @@ def store_frozen_weights(model, dtype):
             param.data = param.data.to(dtype)
             converted += param.numel()
     return converted
-
-
-__all__ = ["FastPaths", "Tokens", "packing", "attend", "padded_attention", "varlen_available",
-           "dense_available", "dense_attention", "attention_kind", "layer_forward",
-           "COMPILE_MODES",
-           "attention_inputs", "attention_output_and_ffn", "embeddings_out", "check_encoder",
-           "compute_dtype", "encode", "embed_patches", "music_hidden", "text_hidden", "store_frozen_weights",
-           "ATTENTION_MODES", "settings_from_config", "dropout_keep", "shared_lora_p"]
-
-
-def settings_from_config(cfg):
-    """The keyword arguments of Clamp3.prepare_for_training from a TrainConfig's speed fields."""
-    return dict(fast_encoder=cfg.fast_encoder, compile=cfg.compile_layers, bf16_weights=cfg.bf16_weights,
-                shared_lora_dropout=cfg.shared_lora_dropout, fp32_residual=cfg.fp32_residual,
-                patch_kernel=cfg.patch_kernel, dense_attention=cfg.dense_attention, keep_masks=cfg.keep_masks,
-                cuda_graphs=cfg.cuda_graphs)

@@ -29,7 +29,7 @@ memory; BENCHMARKS.md, run 18).
 import torch
 import torch.nn.functional as F
 
-from .fast import Tokens, _embeddings, _encoder_parts, compute_dtype, embed_patches, encode
+from .fast import Tokens, compute_dtype, embed_patches, embeddings, encode, encoder_parts, xlmr_positions
 
 STEPS_PER_DOUBLING = 8
 
@@ -82,13 +82,6 @@ def _pool_and_project(h, row, counts, proj, proj_dtype):
     return F.linear(pooled.to(proj_dtype), proj.weight.to(proj_dtype), bias)
 
 
-def projection_dtype(device_type, weight):
-    """The dtype the plain path computes a projection in: the autocast dtype, else the weight's."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return weight.dtype
-
-
 def music_inputs(model, patches, patch_mask, packed, size):
     """The fixed-shape inputs of music_flat for a batch: (flat patches [size, P], positions [size],
     cu, slot index [size], row [size], counts [B]); `packed` = (index, cu) of patch_mask."""
@@ -111,12 +104,12 @@ def music_flat(model, flat, positions, cu, slot_index, row, counts, cd, proj_dty
     bert = encoder.bert
     tokens = Tokens(index=slot_index, column=positions, cu=cu, batch=cu.shape[0] - 1,
                     width=model.config.symbolic_max_positions, dense_length=dense)
-    parts = _encoder_parts(bert)
+    parts = encoder_parts(bert)
     if weights:
         parts = _substitute(parts, {id(p): t for p, t in weights.items()})
     with torch.autocast(flat.device.type, enabled=False):
         x = embed_patches(encoder, flat, model.fast)
-        h = _embeddings(bert, x, positions, model.fast, cd)
+        h = embeddings(bert, x, positions, model.fast, cd)
         h = encode(bert, h, tokens, model.fast, cd, parts)
         return _pool_and_project(h, row, counts, model.symbolic_proj, proj_dtype)
 
@@ -142,8 +135,7 @@ def text_inputs(model, input_ids, attention_mask, packed, size):
     batch, width = attention_mask.shape
     pad_id = model.text_model.embeddings.padding_idx
     tokens, row = flat_layout(cu, index, width, size, text_bound(model))
-    not_pad = input_ids.ne(pad_id).int()
-    positions = (torch.cumsum(not_pad, dim=1).type_as(not_pad) * not_pad).long() + pad_id
+    positions = xlmr_positions(input_ids, pad_id)
     real = index.shape[0]
     ids = F.pad(input_ids.reshape(-1).index_select(0, index), (0, size - real), value=pad_id)
     positions = torch.cat([positions.reshape(-1).index_select(0, index), tokens.column[real:] + pad_id + 1])
@@ -159,7 +151,7 @@ def text_flat(model, ids, positions, cu, slot_index, row, counts, cd, proj_dtype
                     dense_length=dense)
     with torch.autocast(ids.device.type, enabled=False):
         x = text.embeddings.word_embeddings.weight.index_select(0, ids)
-        h = _embeddings(text, x, positions, model.fast, cd)
+        h = embeddings(text, x, positions, model.fast, cd)
         h = encode(text, h, tokens, model.fast, cd)
         return _pool_and_project(h, row, counts, model.text_proj, proj_dtype)
 
@@ -218,11 +210,11 @@ class EncoderGraphs:
         self.captures = 0
 
     def _check_signature(self, params):
-        """Drop the graphs when the layers' tensors were gathered anew (fast._encoder_parts rebuilds
+        """Drop the graphs when the layers' tensors were gathered anew (fast.encoder_parts rebuilds
         them when the adapter or a dropout changes; held here, so an identity check is safe) or a
         LoRA weight (`params`, from _params) is another tensor."""
         model = self.model
-        parts = (_encoder_parts(model.symbolic_model.bert), _encoder_parts(model.text_model))
+        parts = (encoder_parts(model.symbolic_model.bert), encoder_parts(model.text_model))
         pointers = tuple(p.data_ptr() for p in params)
         if self.signature is None or any(a is not b for a, b in zip(parts, self.signature[0])) \
                 or pointers != self.signature[1]:
@@ -233,10 +225,10 @@ class EncoderGraphs:
         """The music side's parameters that require grad (the LoRA weights). Walking the modules
         takes ~1 ms of Python for the full-size model, and this runs while the GPU waits for the
         step's first launch, so the list of all parameters is kept while the symbolic encoder's
-        parts (fast._encoder_parts, rebuilt when an adapter or a dropout changes) and the
+        parts (fast.encoder_parts, rebuilt when an adapter or a dropout changes) and the
         projection module stay the same objects; only the requires_grad filter runs at every step."""
         model = self.model
-        key = (_encoder_parts(model.symbolic_model.bert), model.symbolic_proj)
+        key = (encoder_parts(model.symbolic_model.bert), model.symbolic_proj)
         if self.all_params is None or any(a is not b for a, b in zip(key, self.all_params[0])):
             self.all_params = (key, [p for module in (model.symbolic_model, model.symbolic_proj)
                                      for p in module.parameters()])
@@ -246,7 +238,7 @@ class EncoderGraphs:
         """Music features with grad (an autograd node replaying the captured backward)."""
         model = self.model
         cd = compute_dtype("cuda", model.symbolic_model.bert.encoder.layer[0].intermediate.dense.weight)
-        pd = projection_dtype("cuda", model.symbolic_proj.weight)
+        pd = compute_dtype("cuda", model.symbolic_proj.weight)
         size = bucket_size(packed[0].shape[0])
         dense = dense_length(packed[0].shape[0], *patch_mask.shape, size)
         laid_out, self.laid_out = self.laid_out, None
@@ -270,7 +262,7 @@ class EncoderGraphs:
         """Text features without grad (the frozen text side)."""
         model = self.model
         cd = compute_dtype("cuda", model.text_model.encoder.layer[0].intermediate.dense.weight)
-        pd = projection_dtype("cuda", model.text_proj.weight)
+        pd = compute_dtype("cuda", model.text_proj.weight)
         size = bucket_size(packed[0].shape[0])
         dense = dense_length(packed[0].shape[0], *attention_mask.shape, size)
         inputs = text_inputs(model, input_ids, attention_mask, packed, size)
@@ -338,4 +330,4 @@ class EncoderGraphs:
 
 
 __all__ = ["bucket_size", "flat_layout", "dense_length", "music_inputs", "music_flat", "text_inputs", "text_flat",
-           "projection_dtype", "EncoderGraphs", "STEPS_PER_DOUBLING"]
+           "EncoderGraphs", "STEPS_PER_DOUBLING"]
