@@ -200,8 +200,8 @@ class StageResult:
 
 
 class StageRun:
-    """One stage: set up (data, model, optimizer, schedule, resume) by the named methods that
-    __init__ calls in order, then `train` runs the loop. Rank 0 alone writes files."""
+    """One stage: `train` sets it up with the named set_up_* methods, in order (data, model, loaders,
+    optimizer and schedule, progress or resume), then runs the loop. Rank 0 alone writes files."""
 
     def __init__(self, cfg, stage, plan, dist, signals, faults, console, argv):
         self.cfg, self.stage, self.plan, self.dist = cfg, stage, plan, dist
