@@ -249,6 +249,20 @@ def delete_superseded(log_dir, stage, newest):
     return doomed
 
 
+def remove_interrupted_saves(log_dir, stage):
+    """Delete the temporary files that a save killed half-way left in `log_dir` (atomic writes go
+    through `.NAME.XXXXXXXX.tmp` beside NAME: `.ABC_checkpoint_epoch1.pth.k2j4x9.tmp`, also the
+    stage's history and log files). Only this stage's own pattern, only in its own folder, never a
+    finished file; returns the deleted paths."""
+    folder = Path(log_dir)
+    if not folder.is_dir():
+        return []
+    doomed = [path for path in folder.glob(f".{stage}_*.tmp") if path.is_file()]
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    return doomed
+
+
 def delete_stage_files(log_dir, stage):
     """Every checkpoint and the finished marker of the stage (start over); returns the deleted paths."""
     doomed = stage_checkpoints(log_dir, stage)

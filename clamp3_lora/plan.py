@@ -99,6 +99,10 @@ def plan_stage(cfg, stage, stages, resume_stage, log_dir, dist, console):
 
 def decide(cfg, stage, stages, resume_stage, log_dir, world_size, console):
     """The stage's Plan; see --resume in config.py for the rules."""
+    leftovers = checkpoint.remove_interrupted_saves(log_dir, stage.name)
+    if leftovers:
+        console.say(f"⚠ removed {len(leftovers)} temporary file(s) of an interrupted save in {log_dir}: "
+                    + ", ".join(p.name for p in leftovers))
     identity = stage_identity(cfg, stage, world_size)
     mode = cfg.resume
     if resume_stage is not None:

@@ -38,6 +38,57 @@ def test_save_is_atomic_and_leaves_no_temporary_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
 
 
+SAVE_IN_A_CHILD = """
+import resource, signal, sys, torch
+from clamp3_lora import checkpoint
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)        # a write over the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2])))
+state = {"stage": "ABC", "kind": "periodic", "identity": {}, "config": {}, "optimizer": {}, "scheduler": {},
+         "scaler": None, "progress": {"micro_step": 2}, "sampler": {}, "rng": [], "world_size": 1,
+         "lora": {"big": torch.ones(200_000)}}
+checkpoint.save(sys.argv[1], state)
+"""
+
+
+@pytest.mark.parametrize("failure", ["write", "fsync", "rename"])
+def test_a_save_that_fails_part_way_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch, failure):
+    """The new file's write fails half-way (a file-size limit in a child process: whatever writes
+    the file, the operating system stops it part-way), or its fsync or rename fails: the previous
+    checkpoint is byte for byte what it was and still loads; no temporary file is left. A save
+    that wrote the checkpoint in place (path.write_bytes) fails the "write" case."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    path = checkpoint.save(tmp_path / "ABC_checkpoint_epoch1.pth", minimal_state())
+    before = path.read_bytes()
+    if failure == "write":
+        root = Path(__file__).resolve().parent.parent
+        child = subprocess.run([sys.executable, "-c", SAVE_IN_A_CHILD, str(path), str(len(before) * 3)],
+                               cwd=root, capture_output=True, text=True, timeout=120)
+        assert child.returncode != 0 and "File too large" in child.stderr, child.stderr[-2000:]
+    else:
+        def crash(*args, **kwargs):
+            raise OSError(f"{failure} failed (simulated)")
+        monkeypatch.setattr(os, "fsync" if failure == "fsync" else "replace", crash)
+        with pytest.raises(OSError):
+            checkpoint.save(path, minimal_state(progress={"micro_step": 2}, lora={"big": torch.ones(200_000)}))
+        monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert checkpoint.load(path)["progress"] == {"micro_step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_temporary_files_of_an_interrupted_save_are_removed(tmp_path):
+    kept = [tmp_path / "ABC_checkpoint_epoch1.pth", tmp_path / ".MTF_checkpoint_epoch1.pth.x1y2.tmp",
+            tmp_path / ".notes.tmp", tmp_path / "ABC_x.tmp"]
+    doomed = [tmp_path / ".ABC_checkpoint_epoch2.pth.k2j4x9.tmp", tmp_path / ".ABC_history.json.a1b2.tmp"]
+    for path in kept + doomed:
+        path.write_bytes(b"x")
+    assert sorted(checkpoint.remove_interrupted_saves(tmp_path, "ABC")) == sorted(doomed)
+    assert sorted(p for p in tmp_path.iterdir()) == sorted(kept)
+    assert checkpoint.remove_interrupted_saves(tmp_path / "missing", "ABC") == []
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
 def test_damaged_checkpoint_is_refused_naming_the_file(tmp_path, damage):
     path = checkpoint.save(tmp_path / "ABC_checkpoint_epoch1.pth", minimal_state())

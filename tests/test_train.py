@@ -142,3 +142,19 @@ def test_a_progress_snapshot_does_not_move_with_the_stage():
     progress.history.append({"epoch": 2, "eval_loss": 1.5})
     progress.next_epoch()
     assert asdict(snapshot) == before
+
+
+def test_the_next_start_removes_the_temporary_files_of_an_interrupted_save(tmp_path):
+    """A kill during a checkpoint save leaves `.ABC_checkpoint_....pth.XXXX.tmp` in the logs folder:
+    the next start removes it (only the stage's own pattern there) and says so."""
+    workspace = make_workspace(tmp_path)
+    output = tmp_path / "output"
+    log_dir(output).mkdir(parents=True)
+    leftover = log_dir(output) / ".ABC_checkpoint_epoch1_step1.pth.k2j4x9.tmp"
+    other = log_dir(output) / "notes.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    other.write_bytes(b"not ours")
+    result = run_trainer(trainer_args(workspace, output, epochs=1, checkpoints_per_epoch=0))
+    assert result.returncode == 0, explain(result)
+    assert not leftover.exists() and other.exists()
+    assert f"removed 1 temporary file(s) of an interrupted save in {log_dir(output)}: {leftover.name}" in result.stdout
