@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from . import checkpoint, distributed, precision
 from .console import Console, banner, final_summary, format_counts, format_value
-from .data import MusicTextDataset, make_batch_loader, scan_data_file
+from .data import SHOWN_BAD_RECORDS, MusicTextDataset, make_batch_loader, scan_data_file
 from .errors import Clamp3LoraError, DataError
 from .faults import FAULTS_ENV, Faults
 from .logs import StageLogger, gpu_memory
@@ -218,6 +218,16 @@ class StageRun:
         if self.logger is not None:
             self.logger.write(text)
 
+    def note_scan(self, scan):
+        """A data file's scan: the terminal shows the first bad records and where the full list is;
+        the stage's text log holds every one of them (`file:line: reason`)."""
+        mark = "⚠ " if scan.bad else "✓ "
+        self.console.say(mark + scan.summary())
+        if self.logger is not None:
+            self.logger.write(mark + scan.summary(show=len(scan.bad)))
+            if len(scan.bad) > SHOWN_BAD_RECORDS:
+                self.console.say(f"  (all {len(scan.bad)} bad records of {scan.path}: {self.logger.log_path})")
+
     # --- set-up -----------------------------------------------------------------------------
 
     def set_up_data(self):
@@ -226,7 +236,7 @@ class StageRun:
         self.train_scan = shared_scan(getattr(cfg, stage.train_field), cfg, self.dist)
         self.eval_scan = shared_scan(getattr(cfg, stage.eval_field), cfg, self.dist)
         for scan in (self.train_scan, self.eval_scan):
-            self.note(("⚠ " if scan.bad else "✓ ") + scan.summary())
+            self.note_scan(scan)
         if len(self.eval_scan.records) < 2:
             raise DataError(f"{self.eval_scan.path}: {len(self.eval_scan.records)} usable validation pair(s); "
                             f"retrieval ranks each text among the pieces, which needs at least 2")
@@ -506,7 +516,8 @@ class StageRun:
             self.note(f"✓ {gain}")
             for scan in (self.train_scan, self.eval_scan):
                 if scan.bad:
-                    self.note("⚠ bad records skipped:\n" + scan.summary(show=20))
+                    self.console.say("⚠ bad records skipped:\n" + scan.summary())
+                    self.logger.write("⚠ bad records skipped:\n" + scan.summary(show=len(scan.bad)))
         distributed.barrier()
         return StageResult(stage, seconds, self.cfg.best_metric, progress.best_value, progress.best_epoch, files, gain)
 

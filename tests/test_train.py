@@ -158,3 +158,20 @@ def test_the_next_start_removes_the_temporary_files_of_an_interrupted_save(tmp_p
     assert result.returncode == 0, explain(result)
     assert not leftover.exists() and other.exists()
     assert f"removed 1 temporary file(s) of an interrupted save in {log_dir(output)}: {leftover.name}" in result.stdout
+
+
+def test_every_bad_record_is_in_the_training_log_and_the_terminal_says_where(tmp_path):
+    workspace = make_workspace(tmp_path)
+    data = workspace["abc_train"]
+    good = data.read_text().splitlines()
+    bad = ["{not json", "[1, 2]", '{"filepaths": []}', '{"filepaths": ["missing.abc"], "analysis": "x"}',
+           '{"filepaths": ["abc_train_files/0.abc"]}', "{also not json", '"a string"', '{"location": "gone.mtf", "caption": "y"}']
+    data.write_text("\n".join(good + bad) + "\n")
+    output = tmp_path / "output"
+    result = run_trainer(trainer_args(workspace, output, epochs=1, checkpoints_per_epoch=0, bad_record_limit=0.5))
+    assert result.returncode == 0, explain(result)
+    log = (log_dir(output) / "ABC_training.log").read_text()
+    for number in range(len(good) + 1, len(good) + len(bad) + 1):
+        assert f"{data}:{number}: " in log, number
+    assert "... and 3 more" in result.stdout
+    assert f"(all 8 bad records of {data}: {log_dir(output) / 'ABC_training.log'})" in result.stdout
