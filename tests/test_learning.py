@@ -46,7 +46,7 @@ def features(model, dataset):
 
 
 def test_lora_steps_take_train_pairs_from_chance_to_near_perfect(tmp_path):
-    """60 LoRA-only steps of the trainer's Step on 16 fixed pairs, from a random tiny model:
+    """100 LoRA-only steps of the trainer's Step on 16 fixed pairs, from a random tiny model:
     text->music MRR from about chance (0.21 for 16 pairs) to >= 0.9 on those pairs; every base
     weight unchanged bit for bit.
 
@@ -66,9 +66,9 @@ def test_lora_steps_take_train_pairs_from_chance_to_near_perfect(tmp_path):
 
     model.add_adapter(r=4, alpha=8, dropout=0.0)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=3e-2)
-    step = Step(model, optimizer, None, grad_scaler("cpu", "fp32"), "fp32", 1.0, "cpu")   # the trainer's step
+    step = Step(model, optimizer, None, grad_scaler("cpu", "fp32"), "fp32", 0, "cpu")   # the trainer's step, no clipping
     collate = Collator(model.tokenizer.pad_token_id)
-    for n in range(60):
+    for n in range(100):
         model.train()
         result = step.run(collate([train_set[(i, n * PAIRS + i)] for i in range(PAIRS)]))
         assert result.updated
@@ -76,7 +76,7 @@ def test_lora_steps_take_train_pairs_from_chance_to_near_perfect(tmp_path):
 
     chance = chance_metrics(PAIRS)["t2m_mrr"]
     assert before < 2 * chance, f"the random model already retrieves (MRR {before:.3f}, chance {chance:.3f})"
-    assert after >= 0.9, f"text->music MRR {after:.3f} after 60 LoRA steps (before {before:.3f})"
+    assert after >= 0.9, f"text->music MRR {after:.3f} after 100 LoRA steps (before {before:.3f})"
     adapted = model.symbolic_model.base.get_base_model().state_dict()
     for name, value in base.items():
         if name.startswith("symbolic_model.base."):
