@@ -5,10 +5,20 @@
     python train_clamp3_lora.py --demo --device cpu
     torchrun --nproc_per_node=4 train_clamp3_lora.py
 """
+import signal
 import sys
 
-from clamp3_lora.cli import parse_config
-from clamp3_lora.train import main
+
+def stopped_while_starting(number, frame):
+    """Ctrl+C or SIGTERM before the trainer's own handlers are in place (imports, flags): one line, no traceback."""
+    print(f"⚠ {signal.Signals(number).name} during start-up: stopped; nothing was trained yet.", file=sys.stderr,
+          flush=True)
+    sys.exit(128 + number)
+
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, stopped_while_starting)
+    signal.signal(signal.SIGTERM, stopped_while_starting)
+    from clamp3_lora.cli import parse_config
+    from clamp3_lora.train import main
     sys.exit(main(parse_config(description=__doc__)))

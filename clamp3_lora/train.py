@@ -331,6 +331,7 @@ class StageRun:
         self.set_up_loaders()
         self.set_up_optimizer()
         self.set_up_progress()
+        self.stop_if_asked_before_training()
         progress, self.bar = self.progress, None
         try:
             for epoch in range(progress.epoch, cfg.epochs):
@@ -486,7 +487,7 @@ class StageRun:
         evaluation = evaluate_split(self.model, self.eval_loader, self.eval_sampler, self.cfg, self.dist, self.signals,
                                     f"[{self.stage.name}] Base model Eval")
         if evaluation is None:
-            raise stop_for_signal(self.signals, lambda reason: None, self.stage, self.argv, self.dist)
+            self.stop_if_asked_before_training()
         eval_loss, metrics = evaluation
         entry = {"epoch": 0, "train_loss": None, "eval_loss": eval_loss, "time": time.time() - clock,
                  "timestamp": time.ctime(), "gpu_memory": gpu_memory(self.dist.device), "metrics": metrics,
@@ -550,6 +551,16 @@ class StageRun:
         if path is not None:
             self.note(f"✓ emergency checkpoint ({reason}) saved: {path}")
         return path
+
+    def stop_if_asked_before_training(self):
+        """A stop signal during the stage's set-up (data scan, model load, base evaluation): stop at
+        once, before any step of the stage; its earlier checkpoints, if any, stay as they were."""
+        if distributed.all_reduce_flag(self.signals.received is not None):
+            number = self.signals.received or signal.SIGTERM
+            raise StopTraining(128 + number, (
+                f"⚠ {signal.Signals(number).name} during the start-up of the {self.stage.name} stage: stopped before "
+                f"its first step; nothing of this stage was trained yet.\n"
+                f"  Start again with:\n  {resume_command(self.argv, self.dist)}"))
 
     def stop_if_asked(self):
         """At a boundary: stop (emergency checkpoint) when any rank received a stop signal."""

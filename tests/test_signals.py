@@ -70,3 +70,36 @@ def test_sigterm_from_outside_stops_at_a_step_and_resume_continues_there(tmp_pat
     assert result.returncode == -signal.SIGKILL, explain(result)
     assert f"resumed from {emergency}" in result.stdout
     assert [s["step"] for s in read_steps(output)] == list(range(stopped_at + 1))
+
+
+def test_a_signal_during_imports_is_one_line_and_no_traceback():
+    """Ctrl+C while the trainer is still importing (torch takes seconds): one line, exit 130."""
+    process = subprocess.Popen([sys.executable, "train_clamp3_lora.py", "--demo", "--device", "cpu"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, (out, err)
+    assert "SIGINT during start-up: stopped; nothing was trained yet." in err and "Traceback" not in err
+
+
+def test_a_signal_during_the_stage_set_up_stops_before_the_first_step(tmp_path, monkeypatch, capsys):
+    """SIGTERM while the stage is being set up (here: while the model loads): the stage stops
+    before its first step, exit 143, no checkpoint written, no traceback."""
+    import os
+
+    from clamp3_lora import train
+    from clamp3_lora.cli import parse_config
+    from trainer_fixtures import make_workspace, trainer_args
+    load = train.StageRun.set_up_model
+
+    def interrupted(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return load(self)
+    monkeypatch.setattr(train.StageRun, "set_up_model", interrupted)
+    output = tmp_path / "output"
+    cfg = parse_config(trainer_args(make_workspace(tmp_path), output))
+    assert train.main(cfg, argv=[]) == 143
+    printed = capsys.readouterr().out
+    assert "SIGTERM during the start-up of the ABC stage: stopped before its first step" in printed
+    assert not list(log_dir(output).glob("*.pth"))
