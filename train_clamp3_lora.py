@@ -5,15 +5,18 @@
     python train_clamp3_lora.py --demo --device cpu
     torchrun --nproc_per_node=4 train_clamp3_lora.py
 """
+import os
 import signal
 import sys
 
 
 def stopped_while_starting(number, frame):
-    """Ctrl+C or SIGTERM before the trainer's own handlers are in place (imports, flags): one line, no traceback."""
+    """Ctrl+C or SIGTERM before the trainer's own handlers are in place (imports, flags): one line, no
+    traceback. os._exit, not sys.exit: an exception raised inside a C extension's import (torch) aborts
+    the interpreter; nothing has been written yet, so there is nothing to clean up."""
     print(f"⚠ {signal.Signals(number).name} during start-up: stopped; nothing was trained yet.", file=sys.stderr,
           flush=True)
-    sys.exit(128 + number)
+    os._exit(128 + number)
 
 
 if __name__ == "__main__":
