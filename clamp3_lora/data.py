@@ -37,7 +37,7 @@ from .mtf import MIDI_SUFFIXES, read_music
 from .patches import BOS_ID, EOS_ID, patch_array, patchify, remove_instrument_info, window
 from .speed.packing import packing
 
-REASONS = ("invalid_json", "not_object", "no_music_path", "no_text", "missing_file",
+REASONS = ("invalid_json", "not_object", "no_music_path", "no_text", "bad_text", "missing_file",
            "unreadable_file", "empty_file", "no_patches")
 """Why a record is skipped, in the order they are reported."""
 
@@ -260,6 +260,8 @@ def _parse_line(raw, path, number, base_dir):
         return BadRecord(path, number, "invalid_json", f"not UTF-8: {error.reason} at byte {error.start}")
     except json.JSONDecodeError as error:
         return BadRecord(path, number, "invalid_json", error.msg + f" at column {error.colno}")
+    except RecursionError:
+        return BadRecord(path, number, "invalid_json", "nested deeper than the JSON reader can follow")
     if not isinstance(obj, dict):
         return BadRecord(path, number, "not_object", f"a JSON {type(obj).__name__}, not an object")
 
@@ -285,6 +287,11 @@ def _parse_line(raw, path, number, base_dir):
     translations, language = _translations(obj.get("translations"))
     if not texts and not translations:
         return BadRecord(path, number, "no_text", "no non-empty text field")
+    for name, text in list(texts.items()) + list(translations.items()):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:  # a lone surrogate ("\ud800"): no tokenizer takes it
+            return BadRecord(path, number, "bad_text", f"field {name!r}: {error.reason} at character {error.start}")
     resolved = tuple(dict.fromkeys(os.path.normpath(os.path.join(base_dir, p)) for p in paths))
     return Record(source=path, line=number, paths=resolved, texts=texts,
                   translations=translations, language=language, schema=schema)

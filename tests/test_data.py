@@ -126,6 +126,7 @@ BAD_LINES = {
     2: "invalid_json", 3: "not_object", 4: "no_music_path", 5: "no_text", 6: "missing_file",
     7: "unreadable_file", 8: "empty_file", 9: "no_patches", 10: "unreadable_file",
     11: "unreadable_file", 12: "invalid_json", 15: "empty_file", 16: "no_music_path", 18: "no_patches",
+    19: "bad_text", 20: "invalid_json",
 }
 
 
@@ -162,6 +163,8 @@ def bad_data_file(tmp_path):
     only_translations = {"filepaths": ["good.abc"], "translations": {"language": "de", "title": "Nur"}}
     raw += json.dumps(only_translations).encode() + b"\n"  # 17
     raw += json.dumps({"location": "only_l.abc", "caption": "no content"}).encode() + b"\n"  # 18
+    raw += b'{"location": "good.abc", "caption": "a lone surrogate \\ud800"}\n'           # 19 bad_text
+    raw += b"[" * 100_000 + b"]" * 100_000 + b"\n"                                        # 20 too deep
     return write(tmp_path / "bad.jsonl", raw)
 
 
@@ -169,10 +172,10 @@ def test_every_bad_record_kind_is_skipped_and_counted(tmp_path):
     data = bad_data_file(tmp_path)
     result = scan_data_file(data, limit=1.0)
     assert [r.line for r in result.records] == [1, 13, 17]
-    assert result.total == 17  # the blank line is not a record
+    assert result.total == 19  # the blank line is not a record
     assert {b.line: b.reason for b in result.bad} == BAD_LINES
     assert set(result.counts) == set(REASONS)
-    assert result.counts["unreadable_file"] == 3 and result.counts["invalid_json"] == 2
+    assert result.counts["unreadable_file"] == 3 and result.counts["invalid_json"] == 3
     assert result.counts["no_patches"] == 2
     assert sum(result.counts.values()) == len(BAD_LINES)
     by_line = {b.line: b for b in result.bad}
@@ -180,9 +183,11 @@ def test_every_bad_record_kind_is_skipped_and_counted(tmp_path):
     assert "missing.abc" in str(by_line[6])
     assert "binary.abc" in by_line[7].detail
     assert str(by_line[12]).startswith(f"{data}:12: invalid_json (not UTF-8")
+    assert str(by_line[19]) == f"{data}:19: bad_text (field 'caption': surrogates not allowed at character 17)"
+    assert str(by_line[20]) == f"{data}:20: invalid_json (nested deeper than the JSON reader can follow)"
     summary = result.summary(show=3)
-    assert f"3 of 17 records usable, {len(BAD_LINES)} bad" in summary
-    assert f"{data}:2: invalid_json" in summary and "... and 11 more" in summary
+    assert f"3 of 19 records usable, {len(BAD_LINES)} bad" in summary
+    assert f"{data}:2: invalid_json" in summary and "... and 13 more" in summary
 
 
 def test_record_with_only_translations_is_kept(tmp_path):
