@@ -165,7 +165,8 @@ def test_every_bad_record_is_in_the_training_log_and_the_terminal_says_where(tmp
     data = workspace["abc_train"]
     good = data.read_text().splitlines()
     bad = ["{not json", "[1, 2]", '{"filepaths": []}', '{"filepaths": ["missing.abc"], "analysis": "x"}',
-           '{"filepaths": ["abc_train_files/0.abc"]}', "{also not json", '"a string"', '{"location": "gone.mtf", "caption": "y"}']
+           '{"filepaths": ["abc_train_files/0.abc"]}', "{also not json", '"a string"', '{"location": "gone.mtf", "caption": "y"}',
+           '{"filepaths": ["abc_train_files/0.abc"], "analysis": "lone \\ud800"}', "[" * 100_000 + "]" * 100_000]
     data.write_text("\n".join(good + bad) + "\n")
     output = tmp_path / "output"
     result = run_trainer(trainer_args(workspace, output, epochs=1, checkpoints_per_epoch=0, bad_record_limit=0.5))
@@ -173,5 +174,5 @@ def test_every_bad_record_is_in_the_training_log_and_the_terminal_says_where(tmp
     log = (log_dir(output) / "ABC_training.log").read_text()
     for number in range(len(good) + 1, len(good) + len(bad) + 1):
         assert f"{data}:{number}: " in log, number
-    assert "... and 3 more" in result.stdout
-    assert f"(all 8 bad records of {data}: {log_dir(output) / 'ABC_training.log'})" in result.stdout
+    assert "... and 5 more" in result.stdout and "Traceback" not in result.stderr
+    assert f"(all 10 bad records of {data}: {log_dir(output) / 'ABC_training.log'})" in result.stdout
