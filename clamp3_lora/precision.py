@@ -18,17 +18,6 @@ def check(precision):
         raise ValueError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
 
 
-def runs_as(precision, device):
-    """The precision that really runs on `device`: the setting on CUDA, fp32 on the CPU."""
-    check(precision)
-    return precision if torch.device(device).type == "cuda" else "fp32"
-
-
-def compute_dtype(precision, device):
-    """The dtype matmuls run in for `precision` on `device`."""
-    return DTYPES[runs_as(precision, device)]
-
-
 def default_for(device):
     """The precision to use when none is given: bf16 on CUDA, fp32 on the CPU."""
     return "bf16" if torch.device(device).type == "cuda" else "fp32"

@@ -579,10 +579,10 @@ def dry_step(report, name, cfg, model, records, device, batch_size, fallback):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     baseline = torch.cuda.memory_allocated(device) if cuda else 0
-    start = time.perf_counter()
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr)   # never stepped: a dry run
     dry = step.Step(model, optimizer, None, precision.grad_scaler(device, cfg.precision), cfg.precision,
                     cfg.max_grad_norm, device)
+    start = time.perf_counter()
     try:
         result = dry.run(batch, last=False)    # the trainer's step: forward, guards, backward, no update
         if cuda:

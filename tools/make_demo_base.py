@@ -116,7 +116,8 @@ def features(model, dataset, batch_size=64):
 
 
 def train(model, train_set, held_set, epochs, batch_size, lr, seed, device):
-    """AdamW on every weight, linear warm-up then cosine; returns (steps, held-out metrics per epoch)."""
+    """AdamW on every weight, linear warm-up then cosine; returns (steps, held-out metrics per epoch).
+    Its own few lines, not step.Step: the trainer's step keeps the text side frozen, pretraining trains it."""
     params = [p for p in model.parameters()]
     for p in params:
         p.requires_grad_(True)
