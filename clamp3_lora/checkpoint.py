@@ -13,7 +13,9 @@ A checkpoint is one `torch.save`d dict (loadable with weights_only=True):
     format, version       "clamp3-lora-training-checkpoint", 1
     stage, kind           "ABC" | "MTF"; "epoch" | "periodic" | "emergency"
     identity              what the numbers depend on (model, LoRA shape, data files, optimisation
-                          settings, world size); a resume with a different identity is refused
+                          settings, the global batch = batch size x world size); a resume with a
+                          different identity is refused (another world size with the same global
+                          batch continues: `comparable`)
     config                the whole TrainConfig as a dict (for the record)
     lora                  LoRA tensors (peft keys), fp32 on the CPU
     optimizer, scheduler  state dicts (AdamW, LambdaLR)
@@ -163,20 +165,33 @@ def launch_command(world_size):
             f"node = {world_size} across several nodes)")
 
 
-def check_world_size(path, saved, current):
-    """Refuse, with a CheckpointError that says why and what to do, a checkpoint written by a run
-    with another number of processes: the data order is sharded per rank, the global batch is
-    batch_size x world size, and each rank's RNG state is saved on its own, so the same training
-    cannot continue with another world size."""
-    if saved is None or current is None or saved == current:
-        return
-    raise CheckpointError(
-        f"checkpoint {path} was written by a run with {saved} process(es) (world size {saved}); this run has "
-        f"{current}. A checkpoint continues only with the world size that wrote it: the data order is "
-        f"sharded across the ranks, the global batch is batch size x world size, and every rank's RNG "
-        f"state is saved separately.\n"
-        f"  Continue it:  {launch_command(saved)} --resume auto\n"
-        f"  Or start over with {current} process(es): --resume fresh")
+def comparable(identity):
+    """An identity as resumes compare it: the world size and the per-rank batch size give way to the
+    global batch (batch size x processes), which is what the training's numbers depend on. So a
+    run may continue on another number of processes when its batch size keeps the global batch."""
+    identity = dict(identity)
+    world_size = identity.pop("world_size", None)
+    batch_size = identity.pop("batch_size", None)
+    if world_size is not None and batch_size is not None:
+        identity["global_batch"] = batch_size * world_size
+    return identity
+
+
+def world_size_change(saved, current):
+    """Lines for a CheckpointError when the global batch changed with the number of processes: what
+    batch size keeps it, and why another global batch cannot continue the same training."""
+    global_batch = saved["batch_size"] * saved["world_size"]
+    lines = [f"the global batch differs: the checkpoint's run had {saved['world_size']} process(es) x batch size "
+             f"{saved['batch_size']} = {global_batch}; this run has {current['world_size']} x {current['batch_size']} "
+             f"= {current['batch_size'] * current['world_size']}."]
+    if global_batch % current["world_size"] == 0:
+        lines.append(f"Continue it on {current['world_size']} process(es) with --batch-size "
+                     f"{global_batch // current['world_size']} (the same global batch: the same training).")
+    lines.append(f"Or continue with its own layout: {launch_command(saved['world_size'])} --batch-size "
+                 f"{saved['batch_size']} --resume auto")
+    lines.append("Another global batch would change the contrastive loss (its negatives), the steps per epoch "
+                 "and the learning-rate schedule, so it is not a continuation: start over with --resume fresh.")
+    return lines
 
 
 def check(path, state, stage=None, identity=None):
@@ -186,8 +201,11 @@ def check(path, state, stage=None, identity=None):
     if stage is not None and state["stage"] != stage:
         raise CheckpointError(f"checkpoint {path} belongs to stage {state['stage']}, not {stage}")
     if identity is not None:
-        check_world_size(path, state["identity"].get("world_size"), identity.get("world_size"))
-        differences = identity_differences(state["identity"], identity)
+        saved, current = comparable(state["identity"]), comparable(identity)
+        if saved.get("global_batch") != current.get("global_batch"):
+            raise CheckpointError(f"checkpoint {path} cannot continue here: "
+                                  + "\n  ".join(world_size_change(state["identity"], identity)))
+        differences = identity_differences(saved, current)
         if differences:
             raise CheckpointError(
                 f"checkpoint {path} was written by a run with other settings, so continuing from it "

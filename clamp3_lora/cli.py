@@ -35,6 +35,9 @@ def add_flags(group, cls, skip=()):
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                help=f"{help_text} (default: {field.default})")
+        elif typing.get_origin(kind) is list:
+            group.add_argument(flag, action="append", type=typing.get_args(kind)[0], default=None,
+                               metavar=field.name.upper(), help=f"{help_text} (default: none)")
         else:
             group.add_argument(flag, type=kind, default=None, metavar=field.name.upper(),
                                help=f"{help_text} (default: {field.default!r})")

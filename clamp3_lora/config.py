@@ -136,6 +136,9 @@ class TrainConfig:
     0 turns the cache off. Samples are the same either way."""
     bad_record_limit: float = 0.05
     """Abort when more than this share of a data file's records is bad."""
+    music_root: list[str] = field(default_factory=list)
+    """A folder music files may lie in besides each data file's own folder (repeatable; symbolic
+    links are followed). A music path anywhere else is a bad record, outside_music_root."""
 
     # --- evaluation and checkpoints ----------------------------------------------------------
     best_metric: str = "eval_loss"

@@ -33,13 +33,20 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from .errors import DataError, MusicFormatError
-from .mtf import MIDI_SUFFIXES, read_music
+from .mtf import MIDI_SUFFIXES, NOT_MUSIC, music_kind, read_music
 from .patches import BOS_ID, EOS_ID, patch_array, patchify, remove_instrument_info, window
 from .speed.packing import packing
 
-REASONS = ("invalid_json", "not_object", "no_music_path", "no_text", "bad_text", "missing_file",
-           "unreadable_file", "empty_file", "no_patches")
+REASONS = ("invalid_json", "not_object", "too_large", "no_music_path", "no_text", "bad_text",
+           "outside_music_root", "missing_file", "unreadable_file", "empty_file", "not_music", "no_patches")
 """Why a record is skipped, in the order they are reported."""
+
+MAX_LINE_BYTES = 16 * 2 ** 20
+"""A data file line longer than this is a bad record (too_large) without being parsed."""
+MAX_TEXT_CHARS = 100_000
+"""A text field longer than this (about 25,000 tokens, where the model reads 128) is a bad record."""
+MAX_MUSIC_BYTES = 64 * 2 ** 20
+"""A music file larger than this is a bad record (too_large) without being read."""
 
 NON_TEXT_FIELDS = frozenset({"filepaths", "id", "translations", "location", "music"})
 """Fields of a record that are never text candidates."""
@@ -139,12 +146,14 @@ class ScanResult:
 
 
 def scan_data_file(path, limit=0.05, check_music=True, progress=False, workers=None,
-                   max_patches=512):
+                   max_patches=512, music_roots=()):
     """Read and check a JSON Lines data file; return its usable records.
 
     Each non-blank line must be a JSON object of the CLaMP 3 schema (`filepaths` + text fields,
     optional `translations`) or the MidiCaps schema (`location` or `music` + `caption` or
-    `description`). Relative music paths resolve against the data file's folder.
+    `description`). Relative music paths resolve against the data file's folder. Every music path
+    must lie, symbolic links followed, under the data file's folder or one of `music_roots`
+    (--music-root); any other path is `outside_music_root` and is never opened.
 
     With `check_music` every music file is read (MIDI converted to MTF) and cut into patches once,
     so that unreadable, binary, empty and patch-less files are caught here and nothing is ever
@@ -167,10 +176,13 @@ def scan_data_file(path, limit=0.05, check_music=True, progress=False, workers=N
     if not os.path.isfile(path):
         raise DataError(f"data file is not a regular file: {path}")
 
+    roots = music_root_folders(path, music_roots)
     pending, bad, total = _parse_file(path)
     unique_paths = list(dict.fromkeys(p for record in pending for p in record.paths))
-    checks = _check_files(unique_paths, check_music, max_patches, workers, progress,
-                          desc=f"checking {os.path.basename(path)}")
+    outside = {p: ("outside_music_root", outside_detail(p, roots)) for p in unique_paths if not inside(p, roots)}
+    checks = _check_files([p for p in unique_paths if p not in outside], check_music, max_patches, workers,
+                          progress, desc=f"checking {os.path.basename(path)}")
+    checks.update(outside)
 
     records, dropped = [], []
     for record in pending:
@@ -200,6 +212,29 @@ def scan_data_file(path, limit=0.05, check_music=True, progress=False, workers=N
     return result
 
 
+def music_root_folders(data_path, music_roots=()):
+    """The folders music paths of a data file may lie in (symbolic links resolved): the data file's
+    own folder, then each of `music_roots`; DataError for a root that is not a folder."""
+    roots = [os.path.realpath(os.path.dirname(os.path.abspath(data_path)))]
+    for root in music_roots:
+        if not os.path.isdir(root):
+            raise DataError(f"music root not found or not a folder: {root} (--music-root)")
+        roots.append(os.path.realpath(root))
+    return roots
+
+
+def inside(path, roots):
+    """Whether `path`, symbolic links followed, lies under one of the (resolved) `roots`."""
+    real = os.path.realpath(path)
+    return any(os.path.commonpath([real, root]) == root for root in roots)
+
+
+def outside_detail(path, roots):
+    where = " or ".join(roots)
+    return (f"{path} is not under {where}; name the folder that holds the music with --music-root DIR "
+            f"(repeatable)")
+
+
 def check_music_file(path, read=True, max_patches=512):
     """Check one music file: `(None, "")` when it is usable, else `(reason, detail)`.
 
@@ -216,6 +251,8 @@ def check_music_file(path, read=True, max_patches=512):
         return "unreadable_file", f"{path}: {error}"
     if size == 0:
         return "empty_file", f"empty file: {path}"
+    if size > MAX_MUSIC_BYTES:
+        return "too_large", f"{path}: {size / 2 ** 20:.0f} MiB, more than a music file can be ({MAX_MUSIC_BYTES // 2 ** 20} MiB)"
     if not read:
         return None, ""
     try:
@@ -226,6 +263,8 @@ def check_music_file(path, read=True, max_patches=512):
         return "unreadable_file", f"{path}: {error}"
     if not text.strip():
         return "empty_file", f"no music text (only whitespace): {path}"
+    if music_kind(text) is None:
+        return "not_music", f"{path}: {NOT_MUSIC}"
     try:
         content = patchify(text, add_special_patches=False, truncate="head", max_patches=max_patches,
                            source=path)
@@ -247,6 +286,10 @@ def _parse_file(path):
             if not raw.strip():
                 continue
             total += 1
+            if len(raw) > MAX_LINE_BYTES:
+                bad.append(BadRecord(path, number, "too_large", f"a line of {len(raw) / 2 ** 20:.0f} MiB, "
+                                     f"more than a record can be ({MAX_LINE_BYTES // 2 ** 20} MiB)"))
+                continue
             parsed = _parse_line(raw, path, number, base_dir)
             (bad if isinstance(parsed, BadRecord) else pending).append(parsed)
     return pending, bad, total
@@ -255,7 +298,7 @@ def _parse_file(path):
 def _parse_line(raw, path, number, base_dir):
     """One line of a data file -> a Record (paths not yet checked) or a BadRecord."""
     try:
-        obj = json.loads(raw.decode("utf-8"))
+        obj = json.loads(raw.decode("utf-8").strip())
     except UnicodeDecodeError as error:
         return BadRecord(path, number, "invalid_json", f"not UTF-8: {error.reason} at byte {error.start}")
     except json.JSONDecodeError as error:
@@ -283,6 +326,10 @@ def _parse_line(raw, path, number, base_dir):
     if not paths:
         return BadRecord(path, number, "no_music_path",
                          "no 'filepaths' list, 'location' or 'music' with a file path")
+    for music in paths:
+        if "\x00" in music or not _encodable(music):
+            return BadRecord(path, number, "no_music_path", f"{music!r} cannot be a file path "
+                                                            "(a NUL byte or a lone surrogate)")
 
     translations, language = _translations(obj.get("translations"))
     if not texts and not translations:
@@ -292,9 +339,20 @@ def _parse_line(raw, path, number, base_dir):
             text.encode("utf-8")
         except UnicodeEncodeError as error:  # a lone surrogate ("\ud800"): no tokenizer takes it
             return BadRecord(path, number, "bad_text", f"field {name!r}: {error.reason} at character {error.start}")
+        if len(text) > MAX_TEXT_CHARS:
+            return BadRecord(path, number, "too_large", f"field {name!r}: {len(text):,} characters, more than "
+                                                        f"a text can be ({MAX_TEXT_CHARS:,})")
     resolved = tuple(dict.fromkeys(os.path.normpath(os.path.join(base_dir, p)) for p in paths))
     return Record(source=path, line=number, paths=resolved, texts=texts,
                   translations=translations, language=language, schema=schema)
+
+
+def _encodable(text):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _as_text(value):
@@ -467,8 +525,11 @@ class MusicTextDataset(Dataset):
     In evaluation (train=False) the sample is deterministic: the first file, the evaluation text,
     heads, no augmentation; the key may be a plain index or an (index, seed) pair (seed ignored).
 
-    Item: {"patches": LongTensor[L, 64], "text_ids": LongTensor[T], "index": int}. A music file that
-    went bad after the scan raises MusicFormatError naming `data_file:line` and the music file.
+    Item: {"patches": LongTensor[L, 64], "text_ids": LongTensor[T], "index": int}. A sample that
+    cannot be made although its record passed the scan (its music file changed since, the tokenizer
+    refuses its text) is dropped: the item is {"dropped": "data_file:line: why", "index": int}, which
+    `collate` leaves out of the batch and lists under the batch's "dropped" key. The same key is
+    dropped again after a resume, so runs stay exact.
 
     Cache: each process (each DataLoader worker) keeps the full patch sequence of the pieces it
     read, per file and instrument-removal variant, and the MTF text of MIDI files, in a PatchCache
@@ -501,7 +562,15 @@ class MusicTextDataset(Dataset):
 
     def __getitem__(self, key):
         index, seed = self._parse_key(key)
-        record = self.records[index]
+        try:
+            return self._sample(self.records[index], index, seed)
+        except SAMPLE_ERRORS as error:
+            where, why = self.records[index].where, str(error)
+            if not why.startswith(where):
+                why = f"{where}: {type(error).__name__}: {why}"
+            return {"dropped": why, "index": index}
+
+    def _sample(self, record, index, seed):
         if not self.train:
             path = record.paths[0]
             patches = self._window(record, path, False, "head", None)
@@ -623,8 +692,15 @@ class PatchCache:
 # Batches and loaders
 
 
+SAMPLE_ERRORS = (MusicFormatError, OSError, UnicodeError, ValueError, TypeError)
+"""What making one sample may raise when its data went bad after the scan (a changed or vanished
+music file; a text the tokenizer refuses: TypeError/ValueError): the sample is dropped and logged."""
+
+
 def collate(items, pad_id):
-    """Pad samples to the batch's longest piece and longest text.
+    """Pad samples to the batch's longest piece and longest text; dropped items (see
+    MusicTextDataset) are left out and listed under "dropped" (a batch of only dropped items is
+    {"dropped": [...]}, with no tensors).
 
     Returns {"patches" [B, Lmax, 64] long (pad patches all 0), "patch_mask" [B, Lmax] long,
     "text_ids" [B, Tmax] long (padded with pad_id), "text_mask" [B, Tmax] long, "index" [B] long}
@@ -632,6 +708,10 @@ def collate(items, pad_id):
     needs no host sync on the GPU): "patch_index" [P] long, "patch_cu" [B + 1] int32, "text_index"
     [T] long, "text_cu" [B + 1] int32.
     """
+    dropped = [item["dropped"] for item in items if "dropped" in item]
+    items = [item for item in items if "dropped" not in item]
+    if not items:
+        return {"dropped": dropped}
     patches = pad_sequence([item["patches"] for item in items], batch_first=True, padding_value=0)
     text_ids = pad_sequence([item["text_ids"] for item in items], batch_first=True, padding_value=pad_id)
     patch_lengths = torch.tensor([len(item["patches"]) for item in items])
@@ -641,7 +721,14 @@ def collate(items, pad_id):
              "text_ids": text_ids,
              "text_mask": _length_mask(text_lengths, text_ids.shape[1]),
              "index": torch.tensor([item["index"] for item in items], dtype=torch.long)}
+    if dropped:
+        batch["dropped"] = dropped
     return add_packing(batch)
+
+
+def has_samples(batch):
+    """Whether a collated batch holds any sample (every one may have been dropped)."""
+    return "patches" in batch
 
 
 def add_packing(batch):

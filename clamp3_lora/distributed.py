@@ -87,8 +87,33 @@ def setup(device_name="cuda", timeout_s=1800, env=os.environ):
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        join(backend, rank, world_size, timeout_s, int(env.get("TORCHELASTIC_RESTART_COUNT", 0)), **kwargs)
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+JOIN_TIMEOUT_S = 300
+"""How long a process waits for the others to join the process group before it gives up."""
+
+
+def join(backend, rank, world_size, timeout_s, attempt, **kwargs):
+    """init_process_group through torchrun's store, its keys under a prefix of their own for each
+    attempt of the job: torchrun --max-restarts keeps one store across restarts, and without the
+    prefix a restarted process can read the address a process of the previous attempt left there
+    (gloo: "connectFullMesh failed ... Connection refused", then a wait until the timeout). Waiting
+    for the others lasts at most JOIN_TIMEOUT_S (or `timeout_s`, the collectives' timeout, if
+    shorter); then DistributedError."""
+    join_s = min(timeout_s, JOIN_TIMEOUT_S)
+    try:
+        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size,
+                                           timeout=datetime.timedelta(seconds=join_s)))
+        store = dist.PrefixStore(f"clamp3_lora/attempt_{attempt}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    except (RuntimeError, ValueError) as error:
+        raise DistributedError(
+            f"rank {rank} could not join the other {world_size - 1} process(es) of attempt {attempt} within "
+            f"{join_s} s ({type(error).__name__}: {error}). If torchrun restarts the job it tries again; "
+            f"otherwise start it again with --resume auto.") from error
 
 
 def teardown():
@@ -137,12 +162,17 @@ def _collective_device():
 
 def all_reduce_flag(flag):
     """True on every rank if `flag` is true on any rank (identity without a process group)."""
+    return bool(all_reduce_max(1 if flag else 0))
+
+
+def all_reduce_max(value):
+    """The largest of every rank's int `value` (identity without a process group)."""
     if not (dist.is_available() and dist.is_initialized()):
-        return bool(flag)
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_collective_device())
+        return int(value)
+    tensor = torch.tensor([int(value)], dtype=torch.int32, device=_collective_device())
     with collective("the all-reduce of a step flag (skip, stop)"):
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return int(tensor.item())
 
 
 def computed_on_main(compute):
@@ -253,6 +283,12 @@ def sample_seed(seed, epoch, index):
     a hash of (seed, epoch, index), so a sample never depends on which rank, worker or run draws it."""
     digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def rank_seed(seed, epoch, batch, rank):
+    """A fresh seed for rank `rank`'s own random stream (dropout) from batch `batch` of `epoch` on,
+    for a resume on another number of processes (whose saved per-rank streams do not fit)."""
+    return sample_seed(seed, epoch, f"resume/{batch}/{rank}")
 
 
 def epoch_order(n, seed, epoch, shuffle=True):

@@ -228,11 +228,12 @@ def read_training_record(path):
 # Evaluation
 
 
-def load_test_pairs(data, tokenizer, bad_record_limit, workers=None, progress=True):
+def load_test_pairs(data, tokenizer, bad_record_limit, workers=None, progress=True, music_roots=()):
     """(scan, patch tensors, text id tensors) of a test data file: each usable record's first music
     file, all of it, and its evaluation text, all of it. Bad records are skipped (and reported by
     the caller); a file that went bad after the scan raises MusicFormatError."""
-    scan = scan_data_file(data, limit=bad_record_limit, check_music=True, progress=progress, workers=workers)
+    scan = scan_data_file(data, limit=bad_record_limit, check_music=True, progress=progress, workers=workers,
+                          music_roots=music_roots)
     paths = [record.paths[0] for record in scan.records]
     pieces = read_pieces(list(dict.fromkeys(paths)), workers, progress)
     failed = [outcome for outcome in pieces.values() if isinstance(outcome, str)]
@@ -337,7 +338,7 @@ def cmd_evaluate(args):
     check_segment_lengths(model, args.max_patches, args.max_text_tokens)
     progress = not args.quiet
     scan, patches, text_ids = load_test_pairs(args.data, model.tokenizer, args.bad_record_limit,
-                                              args.workers, progress)
+                                              args.workers, progress, args.music_root)
     if scan.bad:
         print(scan.summary(), file=sys.stderr)
     if len(patches) < 2:
@@ -535,8 +536,15 @@ def build_parser():
                         help="stop when more than this share of the test records is bad")
     parser.add_argument("--workers", type=int, default=None,
                         help="processes reading the music files (default: all cores for large files)")
+    add_music_root_flag(parser)
     add_model_flags(parser)
     return parser
+
+
+def add_music_root_flag(parser):
+    parser.add_argument("--music-root", action="append", default=[], metavar="DIR",
+                        help="a folder music files may lie in besides the data file's own folder (repeatable); "
+                             "a music path anywhere else is a bad record, outside_music_root")
 
 
 def build_embed_parser():

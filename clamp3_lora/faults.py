@@ -1,7 +1,9 @@
-"""The fault-injection test hook: faults "KIND@STEP[:RANK]" (--fault-inject or CLAMP3_LORA_FAULTS).
+"""The fault-injection test hook: faults "KIND@STEP[:RANK][/ATTEMPT]" (--fault-inject or CLAMP3_LORA_FAULTS).
 
 STEP is the stage's global micro-step (batch) index counted from 0 across epochs; RANK limits the
-fault to one process. The step (step.Step) and the trainer's loop ask `due`/`raise_oom`/
+fault to one process; ATTEMPT to one attempt of a job that torchrun restarts (--max-restarts): 0 is
+the first, 1 the first restart (torchrun's TORCHELASTIC_RESTART_COUNT), so a fault does not strike
+again when the restarted job passes the same step. The step (step.Step) and the trainer's loop ask `due`/`raise_oom`/
 `poison_gradient`/`before_batch` at the matching moments; without faults every call is a no-op.
     oom@S       a CUDA out-of-memory error in the forward pass of batch S
     oomback@S   the same in place of the backward pass of batch S
@@ -24,22 +26,32 @@ FAULTS_ENV = "CLAMP3_LORA_FAULTS"
 FAULT_KINDS = ("oom", "oomback", "nan", "nangrad", "sigint", "sigterm", "sigkill", "error", "hang")
 
 
+def restart_count(env=os.environ):
+    """How many times torchrun has restarted this job (0 on the first attempt or without torchrun)."""
+    return int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
 class Faults:
-    """The fault-injection plan (see the module doc): {(kind, step): rank or None}."""
+    """The fault-injection plan (see the module doc): [(kind, step, rank or None)] of this attempt."""
 
     def __init__(self, faults=()):
         self.faults = list(faults)
 
     @classmethod
-    def parse(cls, text):
+    def parse(cls, text, attempt=None):
+        """The faults of `text` that strike in `attempt` (default: this process's restart_count())."""
+        attempt = restart_count() if attempt is None else attempt
         faults = []
         for item in filter(None, (part.strip() for part in text.split(","))):
             kind, _, where = item.partition("@")
+            where, _, only_attempt = where.partition("/")
             step, _, rank = where.partition(":")
-            if kind not in FAULT_KINDS or not step.isdigit() or (rank and not rank.isdigit()):
-                raise Clamp3LoraError(f"fault injection {item!r}: expected KIND@STEP or KIND@STEP:RANK "
-                                      f"with KIND one of {', '.join(FAULT_KINDS)}")
-            faults.append((kind, int(step), int(rank) if rank else None))
+            if (kind not in FAULT_KINDS or not step.isdigit() or (rank and not rank.isdigit())
+                    or (only_attempt and not only_attempt.isdigit())):
+                raise Clamp3LoraError(f"fault injection {item!r}: expected KIND@STEP, KIND@STEP:RANK or "
+                                      f"KIND@STEP:RANK/ATTEMPT with KIND one of {', '.join(FAULT_KINDS)}")
+            if not only_attempt or int(only_attempt) == attempt:
+                faults.append((kind, int(step), int(rank) if rank else None))
         return cls(faults)
 
     def due(self, kind, step, rank):

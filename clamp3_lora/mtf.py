@@ -1,4 +1,5 @@
 """MIDI -> MTF ("MIDI text format", SPEC §5) with mido, and reading music files as text."""
+import re
 from pathlib import Path
 
 import mido
@@ -12,6 +13,12 @@ DROPPED_META_TYPES = frozenset({
     "text", "copyright", "track_name", "instrument_name", "lyrics", "marker", "cue_marker",
     "device_name",
 })
+
+NOT_MUSIC = ("neither ABC (a K: field followed by a line of music with a bar line) nor MTF (a first "
+             "line 'ticks_per_beat N') nor MIDI")
+"""Why a text is not music (music_kind gave None), for messages."""
+_MTF_FIRST_LINE = re.compile(r"ticks_per_beat \d+")
+_ABC_FIELD = re.compile(r"[A-Za-z]:")
 
 # What mido raises on a file that is missing, unreadable or not valid MIDI.
 _MIDI_READ_ERRORS = (OSError, EOFError, ValueError, IndexError, KeyError)
@@ -63,6 +70,28 @@ def _read_text(path):
             f"{path}: not UTF-8 text (invalid byte 0x{data[error.start]:02x} at offset {error.start})"
         ) from error
     return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def music_kind(text):
+    """"mtf", "abc" or None: the rule that tells music from other text (README: "What counts as music").
+
+    MTF: the first non-blank line is `ticks_per_beat N`, as every MTF begins (midi_to_mtf).
+    ABC: a `K:` (key) field line, the field that ends every ABC tune header, followed later by at
+    least one line of music: a line that is neither a field (`X:`) nor a comment (`%`) and holds a
+    bar line (`|`).
+    """
+    lines = text.lstrip("\ufeff").splitlines()
+    first = next((line.strip() for line in lines if line.strip()), "")
+    if _MTF_FIRST_LINE.fullmatch(first):
+        return "mtf"
+    key_seen = False
+    for line in lines:
+        line = line.strip()
+        if line.startswith("K:"):
+            key_seen = True
+        elif key_seen and "|" in line and not line.startswith("%") and not _ABC_FIELD.match(line):
+            return "abc"
+    return None
 
 
 def read_music(path):

@@ -431,7 +431,7 @@ def check_data(report, cfg, stages):
         try:
             # limit 1.0: get the full list of bad records; the configured limit is applied below
             result = scan_data_file(path, limit=1.0, check_music=True, progress=progress,
-                                    max_patches=cfg.max_patches)
+                                    max_patches=cfg.max_patches, music_roots=cfg.music_root)
         except DataError as error:
             first, *rest = str(error).splitlines()
             report.fail(name, first, rest)

@@ -19,6 +19,7 @@ import re
 import statistics
 import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict
 from pathlib import Path
 
 from tqdm import tqdm
@@ -598,6 +599,11 @@ def cmd_build_jsonl(args):
     print(f"build-jsonl: {len(pieces)} pieces ({args.schema} schema, seed {args.seed})")
     for path, count in written.items():
         print(f"  {path}: {count}")
+    out_folder = os.path.realpath(Path(args.output).parent)
+    music_folder = os.path.realpath(music_dir if args.midicaps else args.music_dir)
+    if os.path.commonpath([music_folder, out_folder]) != out_folder:
+        print(f"note: the music lies outside the data files' folder; train, evaluate and check these files "
+              f"with --music-root {music_folder}")
     return 1 if problems and args.strict else 0
 
 
@@ -682,7 +688,7 @@ def cmd_check(args):
     tokenizer = load_tokenizer(args.text_model)
     # scan with no limit so the statistics print even when the limit is passed; compare after
     scan = scan_data_file(args.data, limit=1.0, check_music=True, progress=not args.quiet,
-                          workers=args.workers, max_patches=args.max_patches)
+                          workers=args.workers, max_patches=args.max_patches, music_roots=args.music_root)
     for bad in scan.bad[:args.show]:
         print(bad)
     if len(scan.bad) > args.show:
@@ -694,7 +700,9 @@ def cmd_check(args):
     print(f"{args.data}:")
     print(format_statistics(stats))
     if args.json:
-        atomic_write_json(args.json, dict(stats, data=str(args.data), bad=[str(b) for b in scan.bad]))
+        atomic_write_json(args.json, dict(stats, data=str(args.data), bad=[asdict(b) for b in scan.bad],
+                                          dropped_paths=[asdict(b) for b in scan.dropped_paths]))
+        print(f"statistics and every bad record: {args.json}")
     if scan.bad_share > args.bad_record_limit:
         print(f"FAILED: {len(scan.bad)} of {scan.total} records are bad ({scan.bad_share:.1%}), more "
               f"than the bad-record limit of {args.bad_record_limit:.1%}", file=sys.stderr)
@@ -767,7 +775,10 @@ def build_parser():
     p.add_argument("--workers", type=int, default=None,
                    help="processes reading the music files (default: all cores for large files)")
     p.add_argument("--show", type=int, default=SHOWN_PROBLEMS, help="bad records to list")
-    p.add_argument("--json", help="also write the statistics to this JSON file")
+    p.add_argument("--json", help="also write the statistics and every bad record (line, reason, detail) "
+                                  "to this JSON file, for scripts")
+    p.add_argument("--music-root", action="append", default=[], metavar="DIR",
+                   help="a folder music files may lie in besides the data file's own folder (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=cmd_check)
     return parser

@@ -25,11 +25,17 @@ from dataclasses import dataclass, field
 import torch
 
 from . import distributed
+from .data import has_samples
 from .faults import Faults
 from .model import clip_loss
 from .precision import autocast
 
-SKIP_REASONS = ("oom", "nonfinite_loss", "nonfinite_grad")
+SKIP_REASONS = ("no_samples", "oom", "nonfinite_loss", "nonfinite_grad")
+"""Why a batch is skipped: every sample dropped (data.collate), out of memory, NaN/Inf loss or gradient."""
+
+
+FORWARD_SKIPS = (None, "no_samples", "oom")
+"""Skips the forward pass can agree on, by rank: the largest any process reports wins."""
 
 
 class BackwardOutOfMemory(RuntimeError):
@@ -115,18 +121,23 @@ class Step:
         return to_device(batch, self.device), None
 
     def _forward(self, batch, text, fault_step):
-        """((music, text) features, None), or (None, "oom") on every rank when one ran out of memory."""
+        """((music, text) features, None), or (None, reason) on every rank when one ran out of memory
+        ("oom") or had no sample left ("no_samples"; an OOM elsewhere names the reason first)."""
         features, skip = None, None
-        try:
-            with autocast(self.device, self.precision):
-                features = local_features(self.train_model, batch, text)
-                self.faults.raise_oom(fault_step, self.rank)
-        except RuntimeError as error:
-            if not is_oom(error):
-                raise
-            skip = "oom"
-        if distributed.all_reduce_flag(skip is not None):   # every rank skips together
-            return None, "oom"
+        if not has_samples(batch):
+            skip = "no_samples"
+        else:
+            try:
+                with autocast(self.device, self.precision):
+                    features = local_features(self.train_model, batch, text)
+                    self.faults.raise_oom(fault_step, self.rank)
+            except RuntimeError as error:
+                if not is_oom(error):
+                    raise
+                skip = "oom"
+        agreed = distributed.all_reduce_max(FORWARD_SKIPS.index(skip))   # every rank skips together
+        if agreed:
+            return None, FORWARD_SKIPS[agreed]
         return features, None
 
     def _backward(self, loss, window, loss_value, fault_step):
@@ -219,7 +230,7 @@ def text_ahead(model, cpu_batch, device, precision):
     the frozen text side does not depend on the update the current step is about to make. With
     CUDA graphs, the layout of the batch's music inputs is queued then too. None when the text side
     is trainable, or on an out-of-memory error (the batch's own step then meets it)."""
-    if not unwrap(model).text_frozen:
+    if not unwrap(model).text_frozen or not has_samples(cpu_batch):
         return None
     batch = to_device(cpu_batch, device)
     try:

@@ -44,9 +44,9 @@ from tqdm import tqdm
 
 from . import checkpoint, distributed, precision
 from .console import Console, banner, final_summary, format_counts, format_value
-from .data import SHOWN_BAD_RECORDS, MusicTextDataset, make_batch_loader, scan_data_file
+from .data import SHOWN_BAD_RECORDS, MusicTextDataset, has_samples, make_batch_loader, scan_data_file
 from .errors import Clamp3LoraError, DataError
-from .faults import FAULTS_ENV, Faults
+from .faults import FAULTS_ENV, Faults, restart_count
 from .logs import StageLogger, gpu_memory
 from .metrics import METRIC_NAMES, better, chance_metrics, gain_line, retrieval_metrics
 from .model import clip_loss, load_model
@@ -83,9 +83,15 @@ def main(cfg, argv=None):
         print(f"✗ {error}", file=sys.stderr, flush=True)
         return EXIT_ERROR
     console = Console(dist)
+    restarts = restart_count()
+    if restarts:  # torchrun --max-restarts started this job again after a worker died: continue, never redo
+        cfg = replace(cfg, resume="auto")
     try:
         with StopSignals() as signals:
             banner(cfg, dist, stages, console)
+            if restarts:
+                console.say(f"⚠ torchrun restarted this job (restart {restarts}): continuing from the newest "
+                            f"checkpoint of each stage (--resume auto)")
             check_precision(cfg, dist)
             log_dir = Path(cfg.output_dir) / "logs" / "lora"
             resume_stage = resume_path_stage(cfg, dist)
@@ -228,6 +234,16 @@ class StageRun:
             if len(scan.bad) > SHOWN_BAD_RECORDS:
                 self.console.say(f"  (all {len(scan.bad)} bad records of {scan.path}: {self.logger.log_path})")
 
+    def note_dropped(self, dropped):
+        """Samples whose record passed the scan but that could not be made now (data.MusicTextDataset):
+        each `file:line: why` on the terminal and in the stage's text log; any rank may meet them."""
+        for where in dropped:
+            line = f"⚠ [{self.stage.name}] sample dropped: {where}"
+            if self.dist.is_main:
+                self.note(line)
+            else:
+                self.console.error(line)
+
     # --- set-up -----------------------------------------------------------------------------
 
     def set_up_data(self):
@@ -293,11 +309,19 @@ class StageRun:
         self.progress = Progress()
         torch.manual_seed(self.cfg.seed + 1 + dist.rank)  # this rank's dropout stream
         if plan.action == "resume":
-            rng_known = dist.rank < len(plan.state["rng"]) and plan.state["rng"][dist.rank] is not None
+            saved_world = plan.state["world_size"]
+            rng_known = (saved_world == dist.world_size and dist.rank < len(plan.state["rng"])
+                         and plan.state["rng"][dist.rank] is not None)
             checkpoint.restore_training_state(plan.path, plan.state, self.model, self.optimizer, self.scheduler,
                                               self.scaler, rank=dist.rank, device=dist.device,
                                               restore_rng_states=self.exact and rng_known)
-            if not rng_known:
+            progress = plan.state["progress"]
+            if saved_world != dist.world_size:
+                torch.manual_seed(distributed.rank_seed(self.cfg.seed, progress["epoch"], progress["batch"], dist.rank))
+                self.note(f"✓ {plan.path} was written by {saved_world} process(es); this run has {dist.world_size}, "
+                          f"with the same global batch: the data continues at the same sample; each rank's dropout "
+                          f"stream is derived afresh from the seed (the same training, other dropout masks)")
+            elif not rng_known:
                 self.console.error(f"⚠ {plan.path} has no RNG state for rank {dist.rank} (an emergency checkpoint "
                                    f"written after an error on one rank): dropout continues from a fresh seed, not exactly")
             self.progress = Progress(**plan.state["progress"])
@@ -349,7 +373,7 @@ class StageRun:
                                                fault_step=fault_step)
                     except BackwardOutOfMemory as error:
                         raise backward_oom_error(error, stage, index, epoch, fault_step, dist) from error
-                    self.count_batch(result, epoch, index, fault_step)
+                    self.count_batch(result, epoch, index, fault_step, batch.get("dropped", []))
                     if last:
                         self.end_window(result, epoch, index)
                 self.bar.close()
@@ -375,13 +399,16 @@ class StageRun:
                         disable=not self.dist.is_main, dynamic_ncols=True, leave=True)
         return first
 
-    def count_batch(self, result, epoch, index, fault_step):
-        """Counters, the step record and the progress bar after one batch."""
+    def count_batch(self, result, epoch, index, fault_step, dropped):
+        """Counters, the step record and the progress bar after one batch (`dropped`: its samples
+        that could not be made)."""
         progress, skip = self.progress, result.skip
+        if dropped:
+            self.note_dropped(dropped)
         if skip is not None:
             progress.bad_in_row += 1
-            progress.epoch_skipped[skip] += 1
-            progress.skipped[skip] += 1
+            progress.epoch_skipped[skip] = progress.epoch_skipped.get(skip, 0) + 1
+            progress.skipped[skip] = progress.skipped.get(skip, 0) + 1
             self.console.say(f"⚠ [{self.stage.name}] batch {index} of epoch {epoch + 1} (step {fault_step}) "
                              f"skipped: {skip}")
         else:
@@ -393,7 +420,8 @@ class StageRun:
         rate = progress.epoch_samples / max(time.time() - self.clock, 1e-9)
         lr = self.optimizer.param_groups[0]["lr"]
         self.window_records.append({"step": fault_step, "epoch": epoch + 1, "batch": index, "loss": result.loss,
-                                    "lr": lr, "samples_per_s": rate, "batch_size": size, "skipped": skip})
+                                    "lr": lr, "samples_per_s": rate, "batch_size": size, "skipped": skip,
+                                    "dropped": len(dropped)})
         self.bar.update()
         self.bar.set_postfix(loss="skipped" if result.loss is None else f"{result.loss:.4f}", lr=f"{lr:.2e}",
                              **{"samples/s": f"{rate:.1f}"}, refresh=False)
@@ -443,7 +471,7 @@ class StageRun:
         progress, cfg, stage = self.progress, self.cfg, self.stage
         train_seconds = time.time() - self.clock
         evaluation = evaluate_split(self.model, self.eval_loader, self.eval_sampler, cfg, self.dist, self.signals,
-                                    f"[{stage.name}] Epoch {epoch + 1} Eval")
+                                    f"[{stage.name}] Epoch {epoch + 1} Eval", self.note_dropped)
         if evaluation is None:
             raise stop_for_signal(self.signals, self.save_emergency, stage, self.argv, self.dist)
         eval_loss, metrics = evaluation
@@ -485,7 +513,7 @@ class StageRun:
         validation set, before any training."""
         clock = time.time()
         evaluation = evaluate_split(self.model, self.eval_loader, self.eval_sampler, self.cfg, self.dist, self.signals,
-                                    f"[{self.stage.name}] Base model Eval")
+                                    f"[{self.stage.name}] Base model Eval", self.note_dropped)
         if evaluation is None:
             self.stop_if_asked_before_training()
         eval_loss, metrics = evaluation
@@ -594,10 +622,11 @@ def stage_gain(stage, progress):
 # Helpers of a stage
 
 
-def evaluate_split(model, loader, sampler, cfg, dist, signals, desc):
+def evaluate_split(model, loader, sampler, cfg, dist, signals, desc, note_dropped=None):
     """(eval loss, retrieval metrics) over the whole validation set, or None when a stop signal
     arrives. The loss is the CLIP loss of each global batch, averaged over samples; the metrics
-    rank every validation pair against all others (features gathered from every rank, in order)."""
+    rank every validation pair against all others (features gathered from every rank, in order).
+    `note_dropped(list)` hears of samples that could not be made (data.MusicTextDataset)."""
     model.eval()
     sampler.set_epoch(0)
     musics, texts, loss_sum, count = [], [], 0.0, 0
@@ -605,11 +634,18 @@ def evaluate_split(model, loader, sampler, cfg, dist, signals, desc):
         for batch in bar:
             if distributed.all_reduce_flag(signals.received is not None):
                 return None
-            batch = to_device(batch, dist.device)
-            with precision.autocast(dist.device, cfg.precision):
-                music = model.music_features(batch["patches"], batch["patch_mask"])
-                text = model.text_features(batch["text_ids"], batch["text_mask"])
+            if note_dropped is not None and batch.get("dropped"):
+                note_dropped(batch["dropped"])
+            if has_samples(batch):
+                batch = to_device(batch, dist.device)
+                with precision.autocast(dist.device, cfg.precision):
+                    music = model.music_features(batch["patches"], batch["patch_mask"])
+                    text = model.text_features(batch["text_ids"], batch["text_mask"])
+            else:  # every sample of this rank's batch dropped (logged where the data is loaded)
+                music = text = torch.zeros(0, model.config.projection_size, device=dist.device)
             music, text = distributed.gather(music.float()), distributed.gather(text.float())
+            if not len(music):
+                continue
             loss_sum += clip_loss(music, text).item() * len(music)
             count += len(music)
             musics.append(music.cpu())
@@ -620,7 +656,8 @@ def evaluate_split(model, loader, sampler, cfg, dist, signals, desc):
 def shared_scan(path, cfg, dist):
     """scan_data_file on rank 0, its result shared with every rank (a DataError reaches all)."""
     return distributed.computed_on_main(
-        lambda: scan_data_file(path, limit=cfg.bad_record_limit, progress=True, max_patches=cfg.max_patches))
+        lambda: scan_data_file(path, limit=cfg.bad_record_limit, progress=True, max_patches=cfg.max_patches,
+                               music_roots=cfg.music_root))
 
 
 def make_sampler(dataset, cfg, dist, shuffle, what):

@@ -5,15 +5,17 @@ and a tiny word-level tokenizer with XLM-R's special ids (<s>=0, <pad>=1, </s>=2
 """
 import json
 import random
+import re
 
 import mido
 import pytest
 import torch
 
 from clamp3_lora.data import (REASONS, Collator, MusicTextDataset, Record, SequentialKeys, TextCache,
-                              collate, encode_text, evaluation_text, make_loader, scan_data_file,
-                              text_lines, training_text)
+                              collate, encode_text, evaluation_text, has_samples, make_loader,
+                              scan_data_file, text_lines, training_text)
 from clamp3_lora.errors import DataError, MusicFormatError
+from clamp3_lora.mtf import music_kind
 from trainer_fixtures import word_tokenizer
 
 ABC = 'X:1\nT:Test tune\nM:4/4\nL:1/8\nK:C\nV:1 nm="Piano" snm="Pno"\nCDEF GABc|cBAG FEDC|\n'
@@ -96,7 +98,7 @@ def test_both_schemas_relative_and_absolute_paths(tmp_path):
         {"location": str(absolute), "caption": "A waltz"},
         {"music": "music/c.abc", "description": "Described"},
     ])
-    result = scan_data_file(data)
+    result = scan_data_file(data, music_roots=[tmp_path / "music", tmp_path / "elsewhere"])
     assert [r.line for r in result.records] == [1, 2, 3] and result.bad == [] and result.total == 3
     first, second, third = result.records
     assert first.paths == (str(tmp_path / "music" / "a.abc"),)
@@ -108,6 +110,100 @@ def test_both_schemas_relative_and_absolute_paths(tmp_path):
     assert third.paths == (str(tmp_path / "data" / "music" / "c.abc"),)
     assert third.texts == {"description": "Described"}
     assert "3 of 3 records usable, 0 bad" in result.summary()
+
+
+def test_music_outside_the_data_folder_and_music_roots_is_never_opened(tmp_path):
+    """Paths resolve, symbolic links followed, under the data file's folder or a --music-root; any
+    other path (../ escapes, absolute paths, a link pointing out) is outside_music_root."""
+    write(tmp_path / "data" / "in.abc", ABC)
+    write(tmp_path / "shared" / "ok.abc", ABC)
+    secret = write(tmp_path / "secret" / "tune.abc", ABC)
+    (tmp_path / "data" / "link.abc").symlink_to(secret)          # inside by name, outside in fact
+    (tmp_path / "data" / "sub").symlink_to(tmp_path / "secret")   # a folder link pointing out
+    (tmp_path / "shared" / "back.abc").symlink_to(tmp_path / "data" / "in.abc")
+    data = write_jsonl(tmp_path / "data" / "d.jsonl", [
+        {"location": "in.abc", "caption": "inside"},                         # 1
+        {"location": "../secret/tune.abc", "caption": "escape"},             # 2
+        {"location": str(secret), "caption": "absolute"},                    # 3
+        {"location": "link.abc", "caption": "link out"},                     # 4
+        {"location": "sub/tune.abc", "caption": "folder link out"},          # 5
+        {"location": "../shared/ok.abc", "caption": "under a music root"},   # 6
+        {"location": "../shared/back.abc", "caption": "link back in"},       # 7
+        {"filepaths": ["../secret/tune.abc", "in.abc"], "title": "one of two kept"},  # 8
+    ])
+    result = scan_data_file(data, limit=1.0)
+    assert [r.line for r in result.records] == [1, 7, 8]
+    assert {b.line: b.reason for b in result.bad} == {2: "outside_music_root", 3: "outside_music_root",
+                                                      4: "outside_music_root", 5: "outside_music_root",
+                                                      6: "outside_music_root"}
+    assert "--music-root" in result.bad[0].detail
+    assert [(b.line, b.reason) for b in result.dropped_paths] == [(8, "outside_music_root")]
+    rooted = scan_data_file(data, limit=1.0, music_roots=[tmp_path / "shared"])
+    assert [r.line for r in rooted.records] == [1, 6, 7, 8]
+    with pytest.raises(DataError, match="music root not found"):
+        scan_data_file(data, music_roots=[tmp_path / "nowhere"])
+
+
+NOT_MUSIC = {
+    "passwd": "root:x:0:0:root:/root:/bin/bash\nbin:x:1:1:bin:/bin:/sbin/nologin\n",
+    "data.csv": "id,title,key\n1,Reel,K:G\n2,Jig,D\n",
+    "config.json": '{"K": "C", "notes": ["A", "B"], "bars": "|:|"}\n',
+    "script.py": "import sys\n\ndef main():\n    print('A B C |')\n",
+    "page.html": "<html><body><h1>ABC</h1><p>K: not a key</p></body></html>\n",
+    "server.log": "2026-12-08 01:00:00 INFO K:started\n2026-12-08 01:00:01 ERROR bad | worse\n",
+    "prose.txt": "The fiddler played a reel in G. Then a jig, and a slow air followed.\n",
+    "notes.md": "# Tunes\n\n- K: the key field\n- | a bar line\n",
+    "hosts": "127.0.0.1 localhost\n::1 ip6-localhost\n",
+    "style.css": "body { color: #abcdef; }\na:hover { color: red; }\n",
+    "Makefile": "all:\n\tcc -o a a.c\n",
+    "header_only.abc": "X:1\nT:Title\nM:4/4\nK:G\n",
+    "fake.mtf": "tick_per_beat 480\nnote_on 0 0 60 80\n",
+    "memo.txt": "K: keys to the hall\nBring the fiddle and a bag of reeds.\n",
+}
+
+
+def test_only_abc_mtf_and_midi_are_music(tmp_path):
+    """The not_music rule (mtf.music_kind): every bundled demo piece and the golden ABC/MTF texts
+    are music; passwd, CSV, JSON, Python, HTML, a log, prose, Markdown, hosts, CSS, a Makefile, an
+    ABC header without music, a misspelt MTF header and a memo with a K: line are not."""
+    from pathlib import Path
+    demo = Path(__file__).resolve().parent.parent / "demo"
+    for path in sorted((demo / "abc").glob("*.abc")) + sorted((demo / "mtf").glob("*.mtf")):
+        assert music_kind(path.read_text(encoding="utf-8")) == path.suffix[1:], path
+    golden = Path(__file__).resolve().parent.parent.parent / "shared" / "golden" / "patches.jsonl"
+    if golden.exists():
+        for case in map(json.loads, golden.read_text(encoding="utf-8").splitlines()):
+            if case["text"].strip() and case["name"] != "header_only":
+                assert music_kind(case["text"]) in ("abc", "mtf"), case["name"]
+    rows = []
+    for name, text in NOT_MUSIC.items():
+        write(tmp_path / name, text)
+        rows.append({"location": name, "caption": name})
+    write(tmp_path / "tune.abc", ABC)
+    write_midi(tmp_path / "song.mid")
+    rows += [{"location": "tune.abc", "caption": "abc"}, {"location": "song.mid", "caption": "midi"}]
+    result = scan_data_file(write_jsonl(tmp_path / "d.jsonl", rows), limit=1.0)
+    assert [b.reason for b in result.bad] == ["not_music"] * len(NOT_MUSIC)
+    assert [r.line for r in result.records] == [len(NOT_MUSIC) + 1, len(NOT_MUSIC) + 2]
+    assert "neither ABC" in result.bad[0].detail
+
+
+def test_a_sample_that_fails_after_the_scan_is_dropped_and_named(tmp_path, tokenizer):
+    """A music file deleted after the scan: its sample is dropped (data_file:line in the batch's
+    "dropped" list), the rest of the batch is kept; a batch of only dropped samples has no tensors."""
+    for name in ("a", "b"):
+        write(tmp_path / f"{name}.abc", ABC)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"location": "a.abc", "caption": "w1"},
+                                              {"location": "b.abc", "caption": "w2"}])
+    dataset = MusicTextDataset(scan_data_file(data).records, tokenizer, train=True, cache_mb=0)
+    (tmp_path / "b.abc").unlink()
+    collate_fn = Collator(tokenizer.pad_token_id)
+    batch = collate_fn([dataset[(0, 1)], dataset[(1, 2)]])
+    assert batch["index"].tolist() == [0] and len(batch["patches"]) == 1
+    assert len(batch["dropped"]) == 1 and batch["dropped"][0].startswith(f"{data}:2: music file ")
+    assert has_samples(batch)
+    alone = collate_fn([dataset[(1, 2)]])
+    assert set(alone) == {"dropped"} and not has_samples(alone)
 
 
 def test_midi_file_is_converted_on_the_fly(tmp_path, tokenizer):
@@ -125,8 +221,8 @@ def test_midi_file_is_converted_on_the_fly(tmp_path, tokenizer):
 BAD_LINES = {
     2: "invalid_json", 3: "not_object", 4: "no_music_path", 5: "no_text", 6: "missing_file",
     7: "unreadable_file", 8: "empty_file", 9: "no_patches", 10: "unreadable_file",
-    11: "unreadable_file", 12: "invalid_json", 15: "empty_file", 16: "no_music_path", 18: "no_patches",
-    19: "bad_text", 20: "invalid_json",
+    11: "unreadable_file", 12: "invalid_json", 15: "empty_file", 16: "no_music_path", 18: "not_music",
+    19: "bad_text", 20: "invalid_json", 21: "too_large", 22: "outside_music_root", 23: "not_music",
 }
 
 
@@ -137,8 +233,10 @@ def bad_data_file(tmp_path):
     write(tmp_path / "binary.abc", b"\x00\x01\xff\xfe\x00binary\x00")
     write(tmp_path / "empty.abc", b"")
     write(tmp_path / "blank.abc", "  \n\n  \n")
-    write(tmp_path / "nopatch.abc", "just words without any bar line\n")
-    write(tmp_path / "only_l.abc", "L:1/8\n\n\n")  # accepted by patchify, but no content patch
+    write(tmp_path / "nopatch.abc", "X:1\nK:C\n%%x\n|")  # ABC, but patchify refuses the last line
+    write(tmp_path / "only_l.abc", "L:1/8\n\n\n")  # an ABC field, but no K: and no music
+    write(tmp_path / "passwd", "root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1::/usr/sbin:/usr/sbin/nologin\n")
+    write(tmp_path.parent / f"{tmp_path.name}_outside.abc", ABC)
     write(tmp_path / "corrupt.mid", b"MThd\x00\x00\x00\x06garbage-not-midi")
     (tmp_path / "a_folder.abc").mkdir()
     rows = [
@@ -165,6 +263,9 @@ def bad_data_file(tmp_path):
     raw += json.dumps({"location": "only_l.abc", "caption": "no content"}).encode() + b"\n"  # 18
     raw += b'{"location": "good.abc", "caption": "a lone surrogate \\ud800"}\n'           # 19 bad_text
     raw += b"[" * 100_000 + b"]" * 100_000 + b"\n"                                        # 20 too deep
+    raw += json.dumps({"location": "good.abc", "caption": "x" * 100_001}).encode() + b"\n"  # 21 too_large
+    raw += json.dumps({"location": f"../{tmp_path.name}_outside.abc", "caption": "out"}).encode() + b"\n"  # 22
+    raw += json.dumps({"location": "passwd", "caption": "not music"}).encode() + b"\n"     # 23 not_music
     return write(tmp_path / "bad.jsonl", raw)
 
 
@@ -172,11 +273,11 @@ def test_every_bad_record_kind_is_skipped_and_counted(tmp_path):
     data = bad_data_file(tmp_path)
     result = scan_data_file(data, limit=1.0)
     assert [r.line for r in result.records] == [1, 13, 17]
-    assert result.total == 19  # the blank line is not a record
+    assert result.total == 22  # the blank line is not a record
     assert {b.line: b.reason for b in result.bad} == BAD_LINES
     assert set(result.counts) == set(REASONS)
     assert result.counts["unreadable_file"] == 3 and result.counts["invalid_json"] == 3
-    assert result.counts["no_patches"] == 2
+    assert result.counts["not_music"] == 2
     assert sum(result.counts.values()) == len(BAD_LINES)
     by_line = {b.line: b for b in result.bad}
     assert str(by_line[6]).startswith(f"{data}:6: missing_file (")
@@ -186,8 +287,8 @@ def test_every_bad_record_kind_is_skipped_and_counted(tmp_path):
     assert str(by_line[19]) == f"{data}:19: bad_text (field 'caption': surrogates not allowed at character 17)"
     assert str(by_line[20]) == f"{data}:20: invalid_json (nested deeper than the JSON reader can follow)"
     summary = result.summary(show=3)
-    assert f"3 of 19 records usable, {len(BAD_LINES)} bad" in summary
-    assert f"{data}:2: invalid_json" in summary and "... and 13 more" in summary
+    assert f"3 of 22 records usable, {len(BAD_LINES)} bad" in summary
+    assert f"{data}:2: invalid_json" in summary and f"... and {len(BAD_LINES) - 3} more" in summary
 
 
 def test_record_with_only_translations_is_kept(tmp_path):
@@ -423,19 +524,18 @@ def test_instrument_removal_on_mtf(tmp_path, tokenizer):
 
 
 def test_file_gone_bad_after_scan_names_file_and_line(tmp_path, tokenizer):
+    """A file that vanished, went blank or lost its music after the scan: the sample is dropped
+    with data_file:line, the music file and why."""
     music = write(tmp_path / "a.abc", ABC)
     data = write_jsonl(tmp_path / "d.jsonl", [{"location": "a.abc", "caption": "w1"}])
     records = scan_data_file(data).records
     dataset = MusicTextDataset(records, tokenizer, train=True)
     music.unlink()
-    with pytest.raises(MusicFormatError, match=r"d\.jsonl:1: music file .*a\.abc"):
-        dataset[(0, 1)]
+    assert re.fullmatch(r".*d\.jsonl:1: music file .*a\.abc cannot be read any more .*", dataset[(0, 1)]["dropped"])
     write(music, "  \n")
-    with pytest.raises(MusicFormatError, match=r"d\.jsonl:1: .*a\.abc"):
-        MusicTextDataset(records, tokenizer, train=False)[0]
+    assert re.match(r".*d\.jsonl:1: .*a\.abc", MusicTextDataset(records, tokenizer, train=False)[0]["dropped"])
     write(music, "L:1/8\n\n")
-    with pytest.raises(MusicFormatError, match=r"d\.jsonl:1: .*a\.abc.* no patches"):
-        MusicTextDataset(records, tokenizer, train=False)[0]
+    assert "no patches" in MusicTextDataset(records, tokenizer, train=False)[0]["dropped"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,9 +1,12 @@
 """DDP with real processes on the CPU (gloo): the training step of two processes equals one process
 on the concatenated batch (loss and LoRA gradients), evaluation under two processes equals one
-process, a two-process checkpoint resumes under two processes and is refused under one, and a lost
+process, a two-process checkpoint resumes under two processes, and under one or two processes
+whatever wrote it when the global batch stays the same (refused when it would change), and a lost
 or stuck rank ends the job with a message instead of a hang."""
 import os
 import shutil
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -19,9 +22,9 @@ from clamp3_lora.errors import DistributedError
 from clamp3_lora.step import forward_loss, unwrap
 from config import TrainConfig
 from dist_fixtures import free_port, join_group, run_processes, tiny_training_model, training_batch
-from trainer_fixtures import (adapter_weights, comparable_history, explain, final_lora, log_dir, make_workspace,
-                              max_difference, read_steps, run_torchrun, session_survivors, start_torchrun,
-                              stop_session, torchrun_workers, trainer_args)
+from trainer_fixtures import (ROOT, adapter_weights, comparable_history, explain, final_lora, log_dir, make_workspace,
+                              max_difference, read_steps, run_torchrun, run_trainer, session_survivors, start_torchrun,
+                              stop_session, torchrun_workers, trainer_args, trainer_env)
 
 CPU = torch.device("cpu")
 
@@ -207,7 +210,9 @@ def test_two_process_checkpoint_resumes_under_two_processes(workspace, two_proce
     assert [(s["step"], s["loss"]) for s in read_steps(output)] == [(s["step"], s["loss"]) for s in read_steps(full)]
 
 
-def test_resuming_with_another_world_size_is_refused(workspace, two_process_runs, tmp_path, capsys):
+def test_resuming_with_another_global_batch_is_refused(workspace, two_process_runs, tmp_path, capsys):
+    """2 processes x batch 2 wrote the checkpoint; 1 process x batch 2 would halve the global batch:
+    refused, with the batch size that keeps it and the command that continues as it was."""
     _, killed = two_process_runs
     output = tmp_path / "output"
     shutil.copytree(killed, output)
@@ -216,9 +221,69 @@ def test_resuming_with_another_world_size_is_refused(workspace, two_process_runs
         argv = trainer_args(workspace, output, batch_size=2, resume=resume)
         assert train.main(parse_config(argv), argv) == train.EXIT_ERROR  # 1 process, here
         stderr = capsys.readouterr().err
-        assert f"checkpoint {newest} was written by a run with 2 process(es) (world size 2); this run has 1" in stderr
+        assert f"checkpoint {newest} cannot continue here: the global batch differs" in stderr
+        assert "2 process(es) x batch size 2 = 4; this run has 1 x 2 = 2" in stderr
+        assert "with --batch-size 4 (the same global batch" in stderr
         assert "torchrun --nproc_per_node=2 train_clamp3_lora.py" in stderr and "--resume fresh" in stderr
     assert {p.name for p in log_dir(output).iterdir()} == {p.name for p in log_dir(killed).iterdir()}
+
+
+# --------------------------------------------------------------------------------------------
+# Resume on another number of processes (elastic): the same global batch, the same training
+
+
+NO_DROPOUT = dict(lora_dropout=0, encoder_dropout=0, dist_timeout_s=60)
+
+
+@pytest.fixture(scope="module")
+def one_process_reference(workspace, tmp_path_factory):
+    """An uninterrupted run of 1 process x batch 4, dropout 0 (fp32 on the CPU)."""
+    output = tmp_path_factory.mktemp("elastic") / "reference"
+    result = run_trainer(trainer_args(workspace, output, batch_size=4, **NO_DROPOUT))
+    assert result.returncode == 0, explain(result)
+    return output
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)], ids=["2_to_1", "1_to_2"])
+def test_a_run_continues_on_another_number_of_processes(workspace, one_process_reference, tmp_path, before, after):
+    """Killed after a periodic checkpoint on `before` processes, resumed with --resume auto on `after`
+    with the same global batch (batch 4 / processes): the final adapter equals the uninterrupted
+    run's within 1e-5, and no step is in the step log twice."""
+    output = tmp_path / "output"
+
+    def run(processes, **flags):
+        args = trainer_args(workspace, output, batch_size=4 // processes, **NO_DROPOUT, **flags)
+        return run_torchrun(args, nproc=2) if processes == 2 else run_trainer(args)
+
+    killed = run(before, fault_inject="sigkill@7")
+    assert killed.returncode != 0, explain(killed)
+    assert (log_dir(output) / "ABC_checkpoint_epoch2_step2.pth").exists()
+    resumed = run(after, resume="auto")
+    assert resumed.returncode == 0, explain(resumed)
+    assert f"was written by {before} process(es); this run has {after}, with the same global batch" in resumed.stdout
+    assert max_difference(final_lora(output), final_lora(one_process_reference)) <= 1e-5
+    assert max_difference(adapter_weights(output), adapter_weights(one_process_reference)) <= 1e-5
+    steps = [s["step"] for s in read_steps(output)]
+    assert steps == sorted(set(steps)) == [s["step"] for s in read_steps(one_process_reference)]
+
+
+def test_torchrun_restarts_after_a_worker_is_killed_and_the_job_finishes(workspace, one_process_reference,
+                                                                          tmp_path):
+    """`torchrun --max-restarts=2` with the same command line: rank 1 killed before batch 3 (first
+    attempt), rank 0 before batch 6 (first restart). Each restart resumes by itself from the newest
+    checkpoint; the job exits 0, no step is logged twice, the adapter equals the uninterrupted run's."""
+    output = tmp_path / "output"
+    args = trainer_args(workspace, output, batch_size=2, fault_inject="sigkill@3:1/0,sigkill@6:0/1", **NO_DROPOUT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--max-restarts=2",
+               "--nproc_per_node=2", "train_clamp3_lora.py", *map(str, args)]
+    result = subprocess.run(command, cwd=ROOT, env=trainer_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, explain(result)
+    assert "torchrun restarted this job (restart 1)" in result.stdout
+    assert "torchrun restarted this job (restart 2)" in result.stdout
+    assert max_difference(final_lora(output), final_lora(one_process_reference)) <= 1e-5
+    assert max_difference(adapter_weights(output), adapter_weights(one_process_reference)) <= 1e-5
+    steps = [s["step"] for s in read_steps(output)]
+    assert steps == sorted(set(steps)) == [s["step"] for s in read_steps(one_process_reference)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -166,8 +166,10 @@ def test_build_jsonl_from_csv_splits_without_overlap_and_reports_gaps(tmp_path, 
     argv = ["build-jsonl", "--music-dir", str(music), "--captions", str(captions), "--output", str(out),
             "--eval-fraction", "0.2", "--test-fraction", "0.1", "--seed", "7"]
     assert prepare.main(argv) == 0
-    err = capsys.readouterr().err
+    printed = capsys.readouterr()
+    err = printed.err
     assert "ghost.abc" in err and "tune19.abc: missing caption" in err
+    assert f"with --music-root {music}" in printed.out  # the music is not under data/
     problems = (tmp_path / "data" / "set_problems.txt").read_text()
     assert "ghost.abc" in problems and "tune19.abc" in problems
 
@@ -181,7 +183,7 @@ def test_build_jsonl_from_csv_splits_without_overlap_and_reports_gaps(tmp_path, 
     assert first["filepaths"][0].startswith("../music/g")
     assert first["caption"].startswith("A tune, number") and first["title"].startswith("Tune")
     for name in splits:  # paths resolve from the data file's folder; every record usable
-        scan = scan_data_file(tmp_path / "data" / f"set_{name}.jsonl", limit=0.0)
+        scan = scan_data_file(tmp_path / "data" / f"set_{name}.jsonl", limit=0.0, music_roots=[tmp_path / "music"])
         assert len(scan.records) == sizes[name]
 
     assert prepare.main(argv + ["--strict"]) == 1
