@@ -196,6 +196,8 @@ def demo_overrides():
         batch_size=16,
         warmup_steps=5,
         lr=1e-2,
+        lora_dropout=0.0,      # 182 / 175 training pieces and 20 short epochs: dropout only slows the
+        encoder_dropout=0.0,   # gain (held-out t2m MRR x1.66 / x1.56 over the base without, x1.5 / x1.4 with)
         best_metric="t2m_mrr",
         max_patches=256,
         num_workers=0,

@@ -119,7 +119,7 @@ def epoch_block(entry, total_epochs):
     skipped = entry.get("skipped")
     if skipped is not None:
         if isinstance(skipped, dict):
-            detail = ", ".join(f"{reason}: {count}" for reason, count in skipped.items())
+            detail = ", ".join(f"{reason}: {count}" for reason, count in skipped.items() if count)
             lines.append(f"Skipped Batches: {sum(skipped.values())}" + (f" ({detail})" if detail else ""))
         else:
             lines.append(f"Skipped Batches: {skipped}")

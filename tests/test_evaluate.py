@@ -133,7 +133,7 @@ def check_report(printed, report, prefix, pairs):
 def test_evaluate_random_tiny_preset_with_and_without_adapter(tiny_model, adapter_dir, tmp_path, capsys):
     data = DEMO / "abc_eval.jsonl"
     printed, report, prefix = run_report(tmp_path, data, ["--preset", "tiny"], [adapter_dir], capsys)
-    check_report(printed, report, prefix, pairs=30)
+    check_report(printed, report, prefix, pairs=78)
 
     # the base column is the training's evaluation path (dataset, collate) when nothing is long
     scan = scan_data_file(data)
@@ -152,7 +152,7 @@ def test_evaluate_golden_checkpoint_with_and_without_adapter(golden, adapter_dir
     weights = golden / "tiny_official_checkpoint.pth"
     data = DEMO / "mtf_eval.jsonl"
     printed, report, prefix = run_report(tmp_path, data, ["--weights", str(weights)], [adapter_dir], capsys)
-    check_report(printed, report, prefix, pairs=26)
+    check_report(printed, report, prefix, pairs=75)
     assert report["weights"] == str(weights)
 
 
@@ -165,7 +165,7 @@ def test_evaluate_demo_uses_the_demo_base_and_tokenizer(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "evaluation_abc_eval.json").read_text())
     assert report["weights"] == "demo/base/clamp3_demo_base.pth" and report["text_model"] == "demo/tokenizer"
-    assert report["segments"]["patches"] == 256 and report["pairs"] == 30
+    assert report["segments"]["patches"] == 256 and report["pairs"] == 78
 
 
 def test_an_eval_set_of_one_pair_is_refused_clearly(tmp_path, capsys):
@@ -174,7 +174,7 @@ def test_an_eval_set_of_one_pair_is_refused_clearly(tmp_path, capsys):
     data = tmp_path / "one.jsonl"
     data.write_text(json.dumps(record) + "\n")
     code = evaluate.main(["--data", str(data), "--preset", "tiny", "--text-model", TOKENIZER, "--device", "cpu",
-                          "--quiet", "--out-dir", str(tmp_path / "report")])
+                          "--quiet", "--out-dir", str(tmp_path / "report"), "--music-root", str(DEMO)])
     assert code == 2
     assert "1 usable text-music pair(s)" in capsys.readouterr().err
 

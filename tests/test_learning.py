@@ -46,9 +46,11 @@ def features(model, dataset):
 
 
 def test_lora_steps_take_train_pairs_from_chance_to_near_perfect(tmp_path):
-    """100 LoRA-only steps of the trainer's Step on 16 fixed pairs, from a random tiny model:
-    text->music MRR from about chance (0.21 for 16 pairs) to >= 0.9 on those pairs; every base
-    weight unchanged bit for bit.
+    """150 LoRA-only steps of the trainer's Step (lr 1e-2, clipping at 1.0 as the trainer's default)
+    on 16 fixed pairs, from a random tiny model: text->music MRR from about chance (0.21 for 16
+    pairs) to >= 0.8 on those pairs; every base weight unchanged bit for bit. Measured with seeds
+    0-5: 1.0, 1.0, 0.97, 0.83, 1.0, 0.94 (seed 0 is the test's); lr 3e-2 without clipping, this
+    test's earlier setting, swung between 0.3 and 0.76 with the seed, so it depended on the RNG.
 
     Catches: gradients that do not reach the LoRA weights (e.g. the music features detached, or
     LoRA weights left frozen), a Step whose optimizer never steps, a loss that does not pull pairs
@@ -65,10 +67,10 @@ def test_lora_steps_take_train_pairs_from_chance_to_near_perfect(tmp_path):
     base = {name: value.clone() for name, value in model.state_dict().items()}
 
     model.add_adapter(r=4, alpha=8, dropout=0.0)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=3e-2)
-    step = Step(model, optimizer, None, grad_scaler("cpu", "fp32"), "fp32", 0, "cpu")   # the trainer's step, no clipping
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    step = Step(model, optimizer, None, grad_scaler("cpu", "fp32"), "fp32", 1.0, "cpu")   # the trainer's step
     collate = Collator(model.tokenizer.pad_token_id)
-    for n in range(100):
+    for n in range(150):
         model.train()
         result = step.run(collate([train_set[(i, n * PAIRS + i)] for i in range(PAIRS)]))
         assert result.updated
@@ -76,7 +78,7 @@ def test_lora_steps_take_train_pairs_from_chance_to_near_perfect(tmp_path):
 
     chance = chance_metrics(PAIRS)["t2m_mrr"]
     assert before < 2 * chance, f"the random model already retrieves (MRR {before:.3f}, chance {chance:.3f})"
-    assert after >= 0.9, f"text->music MRR {after:.3f} after 100 LoRA steps (before {before:.3f})"
+    assert after >= 0.8, f"text->music MRR {after:.3f} after 150 LoRA steps (before {before:.3f})"
     adapted = model.symbolic_model.base.get_base_model().state_dict()
     for name, value in base.items():
         if name.startswith("symbolic_model.base."):
@@ -90,16 +92,17 @@ def test_lora_steps_take_train_pairs_from_chance_to_near_perfect(tmp_path):
 
 @pytest.mark.skipif(not DEMO_BASE.is_file(), reason="demo/base/ not present")
 def test_demo_training_beats_the_demo_base_on_held_out_pairs(tmp_path):
-    """The real trainer, the pretrained demo base and the demo's ABC data, 4 epochs at a fixed seed:
+    """The real trainer, the pretrained demo base and the demo's ABC data, 8 epochs at a fixed seed:
     the best adapter's text->music MRR on the held-out eval pairs is above the base's (epoch 0 of
     the history) by a clear margin.
 
     Catches: texts paired with the wrong pieces in training (nothing then generalises to the
     held-out pairs), an optimizer or schedule that never steps (lr 0), gradients that never reach
-    the adapter, and a best adapter chosen from the wrong epoch. Measured (2 CPU cores): base 0.28,
-    best 0.44 (1.56x); checked once each by breaking it: each training text taken from the next
-    record gives 0.33 (1.16x), Step._update without optimizer.step 0.28 (1.0x); both fail here."""
-    result = run_trainer(["--demo", "--device", "cpu", "--stages", "abc", "--epochs", "4",
+    the adapter, and a best adapter chosen from the wrong epoch. Measured (2 CPU cores, 78 held-out
+    pairs): base 0.195, best 0.275 (1.41x); checked once each by breaking it: each training text
+    taken from the next record gives 0.217 (1.11x), Step._update without optimizer.step the base's
+    0.195 (1.0x); both fail here."""
+    result = run_trainer(["--demo", "--device", "cpu", "--stages", "abc", "--epochs", "8",
                           "--checkpoints-per-epoch", "0", "--best-metric", "t2m_mrr",
                           "--output-dir", tmp_path / "out"], timeout=240)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -107,7 +110,7 @@ def test_demo_training_beats_the_demo_base_on_held_out_pairs(tmp_path):
     base, trained = history[0], history[1:]
     assert base["epoch"] == 0 and base["train_loss"] is None
     best = max(entry["metrics"]["t2m_mrr"] for entry in trained)
-    assert best >= 1.35 * base["metrics"]["t2m_mrr"], (base["metrics"]["t2m_mrr"], best)
+    assert best >= 1.3 * base["metrics"]["t2m_mrr"], (base["metrics"]["t2m_mrr"], best)
     assert f"ABC adapter: text→music MRR {best:.2f} (base {base['metrics']['t2m_mrr']:.2f}" in result.stdout
     record = json.loads((tmp_path / "out" / "adapters" / "lora_abc_adapter" / "training_record.json").read_text())
     assert record["metrics"]["t2m_mrr"] == best

@@ -32,8 +32,8 @@ def test_injected_oom_and_nan_skip_exactly_those_batches(tmp_path_factory, tmp_p
                        6: None, 7: None}
     history = read_history(output)
     assert history[0]["epoch"] == 0 and history[0]["skipped"] == {}      # the base model, before training
-    assert history[1]["skipped"] == {"oom": 1, "nonfinite_loss": 1, "nonfinite_grad": 0}
-    assert history[2]["skipped"] == {"oom": 0, "nonfinite_loss": 0, "nonfinite_grad": 1}
+    assert history[1]["skipped"] == {"no_samples": 0, "oom": 1, "nonfinite_loss": 1, "nonfinite_grad": 0}
+    assert history[2]["skipped"] == {"no_samples": 0, "oom": 0, "nonfinite_loss": 0, "nonfinite_grad": 1}
     assert history[2]["optimizer_steps"] == 5  # 8 batches, 3 of them without an update
     log = (log_dir(output) / "ABC_training.log").read_text()
     assert "Skipped Batches: 2 (oom: 1, nonfinite_loss: 1" in log
@@ -52,7 +52,7 @@ def test_too_many_bad_steps_in_a_row_stop_with_an_emergency_checkpoint(tmp_path_
     assert f"Emergency checkpoint: {emergency}" in result.stdout
     state = checkpoint.load(emergency, stage="ABC")
     assert state["progress"]["micro_step"] == 4
-    assert state["progress"]["skipped"] == {"oom": 1, "nonfinite_loss": 2, "nonfinite_grad": 0}
+    assert state["progress"]["skipped"] == {"no_samples": 0, "oom": 1, "nonfinite_loss": 2, "nonfinite_grad": 0}
 
 
 def test_unexpected_error_saves_an_emergency_checkpoint_and_is_raised(tmp_path_factory, tmp_path):

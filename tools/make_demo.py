@@ -27,12 +27,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SEED = 3
-EVAL_SHARE = 0.15
+EVAL_SHARE = 0.3
 # How many pieces each collection contributes.
-N_RYANS = 130
-N_ONEILLS = 70
-N_BACH = 100
-N_AIRD = 75
+N_RYANS = 170
+N_ONEILLS = 90
+N_BACH = 140
+N_AIRD = 110
 N_MIDI = 5              # of the MTF pieces, bundled as .mid (MidiCaps schema, train split)
 N_MIDICAPS_MTF = 3      # of the MTF eval pieces, written in the MidiCaps schema too
 MAX_ABC_CHARS = 2500    # keeps the demo small and every tune well under 512 patches

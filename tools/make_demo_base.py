@@ -5,17 +5,19 @@
     python tools/make_demo_base.py --out DIR --epochs 4 --device cuda
 
 What it does, deterministic for a seed on the CPU:
-  1. Takes ABC tunes from Ryan's Mammoth Collection and O'Neill's 1850 in the music21 corpus, leaving
-     out every piece of demo/'s train and eval files (by id and by melody), and writes them with the
-     same kind of English text as the demo (tools/make_demo.py) into a work folder as JSON Lines.
+  1. Takes tunes of Aird's Airs (as ABC) and of Ryan's Mammoth Collection and O'Neill's 1850 (rendered
+     to MTF) from the music21 corpus, leaving out every piece of demo/'s train and eval files (by id
+     and by melody), and writes them with the same kind of English text as the demo
+     (tools/make_demo.py) into a work folder as JSON Lines.
   2. Holds out HELD_OUT of them, and trains the "tiny" preset of the project's own model (text encoder,
      symbolic encoder, both projections: every weight) with the project's data pipeline and CLIP loss
      on the rest.
   3. Scores held-out text->music retrieval, and saves the model in the official checkpoint layout
      ({"model": state_dict, "epoch": N}, no audio keys), which `--demo` loads like real weights.
 
-The base sees ABC only: the demo's MTF stage has a whole format left to learn, and the ABC stage the
-demo's own tunes and texts. demo/base/PROVENANCE.md says what it was trained on and how well it does.
+Each demo stage then meets pieces the base never saw in that format: the ABC stage Ryan's and O'Neill's
+tunes as ABC (the base knows them only as MTF), the MTF stage Aird's tunes as MTF and Bach's chorales.
+demo/base/PROVENANCE.md says what it was trained on and how well it does.
 """
 import argparse
 import hashlib
