@@ -189,22 +189,26 @@ def world_size_change(saved, current):
                      f"{global_batch // current['world_size']} (the same global batch: the same training).")
     lines.append(f"Or continue with its own layout: {launch_command(saved['world_size'])} --batch-size "
                  f"{saved['batch_size']} --resume auto")
-    lines.append("Another global batch would change the contrastive loss (its negatives), the steps per epoch "
-                 "and the learning-rate schedule, so it is not a continuation: start over with --resume fresh.")
+    lines.append("Another global batch changes the contrastive loss (its negatives), the steps per epoch and the "
+                 "learning-rate schedule: add --new-global-batch to continue anyway (at the same sample of the same "
+                 "epoch, the schedule stretched to the new steps per epoch), or start over with --resume fresh.")
     return lines
 
 
-def check(path, state, stage=None, identity=None):
+def check(path, state, stage=None, identity=None, new_global_batch=False):
     """Validate a read checkpoint: the right stage, and the same identity (model, LoRA shape, data
-    files, settings that change the math) as the run that wants to continue from it. Raises
-    CheckpointError naming the file and what differs; returns state."""
+    files, settings that change the math) as the run that wants to continue from it; another global
+    batch only with `new_global_batch` (--new-global-batch). Raises CheckpointError naming the file
+    and what differs; returns state."""
     if stage is not None and state["stage"] != stage:
         raise CheckpointError(f"checkpoint {path} belongs to stage {state['stage']}, not {stage}")
     if identity is not None:
         saved, current = comparable(state["identity"]), comparable(identity)
         if saved.get("global_batch") != current.get("global_batch"):
-            raise CheckpointError(f"checkpoint {path} cannot continue here: "
-                                  + "\n  ".join(world_size_change(state["identity"], identity)))
+            if not new_global_batch:
+                raise CheckpointError(f"checkpoint {path} cannot continue here: "
+                                      + "\n  ".join(world_size_change(state["identity"], identity)))
+            saved.pop("global_batch"), current.pop("global_batch")
         differences = identity_differences(saved, current)
         if differences:
             raise CheckpointError(
@@ -214,12 +218,12 @@ def check(path, state, stage=None, identity=None):
     return state
 
 
-def load(path, stage=None, identity=None):
+def load(path, stage=None, identity=None, new_global_batch=False):
     """read() then check(): a checkpoint that is intact, of `stage`, and of a run with `identity`."""
-    return check(path, read(path), stage, identity)
+    return check(path, read(path), stage, identity, new_global_batch)
 
 
-def find_resume_checkpoint(log_dir, stage, identity=None, warn=print):
+def find_resume_checkpoint(log_dir, stage, identity=None, warn=print, new_global_batch=False):
     """(path, state) of the newest valid checkpoint of the stage, or None when there is none.
 
     Newest = most recently written. A truncated or corrupt file is skipped with a ⚠ message
@@ -234,7 +238,7 @@ def find_resume_checkpoint(log_dir, stage, identity=None, warn=print):
         except CheckpointError as error:
             warn(f"⚠ skipping checkpoint {path}: {error}")
             continue
-        return path, check(path, state, stage, identity)
+        return path, check(path, state, stage, identity, new_global_batch)
     return None
 
 

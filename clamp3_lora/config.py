@@ -153,6 +153,11 @@ class TrainConfig:
     corrupt newest checkpoint is passed over with a warning); a path continues from that checkpoint
     (its stage; earlier stages are skipped); "fresh" deletes the stages' old checkpoints and starts
     over. Empty (default): start fresh, but refuse if an earlier run left checkpoints."""
+    new_global_batch: bool = False
+    """With --resume: continue a checkpoint whose global batch (batch size x processes) differs from
+    this run's. The data continues at the same sample of the same epoch; the contrastive loss gets
+    the new batch's negatives, and the learning-rate schedule continues from the optimizer steps done
+    over the new number of steps per epoch. Not needed when the global batch stays the same."""
 
     # --- guards and hardware -----------------------------------------------------------------
     max_bad_steps_in_row: int = 10

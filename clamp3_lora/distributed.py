@@ -355,16 +355,36 @@ class ResumableSampler:
         self.epoch = 0
         self.position = 0
         self._bounds = global_batches(n, batch_size, world_size)
+        self._epoch_bounds = self._bounds
 
-    def set_epoch(self, epoch):
-        """Use epoch's order from now on, from its first batch."""
+    def set_epoch(self, epoch, offset=0):
+        """Use epoch's order from now on, from its first batch. `offset`: the first `offset` samples of
+        the order were trained under another global batch (a resume with --new-global-batch); the
+        rest is cut into this layout's global batches, numbered so that the epoch still ends at
+        len(self): they are batches first_position .. len(self) - 1."""
         self.epoch = epoch
         self.position = 0
+        self._epoch_bounds = self._bounds
+        if offset:
+            rest = [(start + offset, end + offset) for start, end in
+                    global_batches(self.n - offset, self.batch_size, self.world_size)] if offset < self.n else []
+            self._epoch_bounds = [None] * (len(self._bounds) - len(rest)) + rest
+
+    @property
+    def first_position(self):
+        """The first batch of the current epoch (0, or more after set_epoch with an offset)."""
+        return sum(bound is None for bound in self._epoch_bounds)
+
+    def samples_done(self, position):
+        """Samples of the current epoch's order trained once `position` batches are done."""
+        if position >= len(self._epoch_bounds):
+            return self.n
+        return self._epoch_bounds[position][0]
 
     def start_at(self, position):
-        """Start the next iteration at batch `position` of the epoch (0 .. len(self))."""
-        if not 0 <= position <= len(self):
-            raise ValueError(f"sampler position {position} is outside 0..{len(self)}")
+        """Start the next iteration at batch `position` of the epoch (first_position .. len(self))."""
+        if not self.first_position <= position <= len(self):
+            raise ValueError(f"sampler position {position} is outside {self.first_position}..{len(self)}")
         self.position = position
 
     def __len__(self):
@@ -374,7 +394,7 @@ class ResumableSampler:
     def batches(self, first=0):
         """This rank's batches of the current epoch, from batch `first` on (a generator)."""
         order = epoch_order(self.n, self.seed, self.epoch, self.shuffle)
-        for start, end in self._bounds[first:]:
+        for start, end in self._epoch_bounds[max(first, self.first_position):]:
             begin, finish = rank_slice(start, end, self.rank, self.world_size)
             yield [(index, sample_seed(self.seed, self.epoch, index)) for index in order[begin:finish]]
 
@@ -383,7 +403,7 @@ class ResumableSampler:
 
     def global_batch_size(self, position):
         """Records in global batch `position` (all ranks together)."""
-        start, end = self._bounds[position]
+        start, end = self._epoch_bounds[position]
         return end - start
 
     def state_dict(self, epoch=None, position=None):

@@ -112,7 +112,7 @@ def decide(cfg, stage, stages, resume_stage, log_dir, world_size, console):
         if names.index(stage.name) < names.index(resume_stage):
             return Plan("skip", identity, note=f"{stage.name} skipped: resuming {resume_stage} from {cfg.resume}")
         if stage.name == resume_stage:
-            state = checkpoint.load(cfg.resume, stage.name, identity)
+            state = checkpoint.load(cfg.resume, stage.name, identity, cfg.new_global_batch)
             return Plan("resume", identity, str(cfg.resume), state)
         mode = "auto"
     if mode == "fresh":
@@ -134,7 +134,8 @@ def decide(cfg, stage, stages, resume_stage, log_dir, world_size, console):
             return Plan("skip", identity, note=f"{stage.name} stage already finished "
                         f"(best {finished.get('best_metric')} {format_value(finished.get('best_value'))} at epoch "
                         f"{finished.get('best_epoch')}; adapter {finished.get('adapter')}) — skipped")
-        found = checkpoint.find_resume_checkpoint(log_dir, stage.name, identity, warn=console.say)
+        found = checkpoint.find_resume_checkpoint(log_dir, stage.name, identity, warn=console.say,
+                                                  new_global_batch=cfg.new_global_batch)
         if found is None:
             unusable = checkpoint.stage_checkpoints(log_dir, stage.name)
             if unusable:

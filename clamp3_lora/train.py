@@ -162,6 +162,7 @@ class Progress:
     """Where a stage stands; saved in every checkpoint (as a dict) and restored on resume."""
     epoch: int = 0                 # epoch in progress, 0-based (== epochs when all are done)
     batch: int = 0                 # batches of that epoch consumed (on every rank)
+    epoch_offset: int = 0          # samples of that epoch trained under another global batch (--new-global-batch)
     micro_step: int = 0            # batches consumed in the stage (the fault-injection index)
     optimizer_steps: int = 0       # optimizer updates applied
     samples_seen: int = 0          # samples consumed in the stage, all ranks together
@@ -182,6 +183,7 @@ class Progress:
         """Move to the start of the next epoch (the per-epoch counters restart)."""
         self.epoch += 1
         self.batch = 0
+        self.epoch_offset = 0
         self.epoch_loss_sum, self.epoch_loss_count, self.epoch_samples, self.epoch_time = 0.0, 0, 0, 0.0
         self.epoch_skipped = dict.fromkeys(SKIP_REASONS, 0)
 
@@ -309,27 +311,7 @@ class StageRun:
         self.progress = Progress()
         torch.manual_seed(self.cfg.seed + 1 + dist.rank)  # this rank's dropout stream
         if plan.action == "resume":
-            saved_world = plan.state["world_size"]
-            rng_known = (saved_world == dist.world_size and dist.rank < len(plan.state["rng"])
-                         and plan.state["rng"][dist.rank] is not None)
-            checkpoint.restore_training_state(plan.path, plan.state, self.model, self.optimizer, self.scheduler,
-                                              self.scaler, rank=dist.rank, device=dist.device,
-                                              restore_rng_states=self.exact and rng_known)
-            progress = plan.state["progress"]
-            if saved_world != dist.world_size:
-                torch.manual_seed(distributed.rank_seed(self.cfg.seed, progress["epoch"], progress["batch"], dist.rank))
-                self.note(f"✓ {plan.path} was written by {saved_world} process(es); this run has {dist.world_size}, "
-                          f"with the same global batch: the data continues at the same sample; each rank's dropout "
-                          f"stream is derived afresh from the seed (the same training, other dropout masks)")
-            elif not rng_known:
-                self.console.error(f"⚠ {plan.path} has no RNG state for rank {dist.rank} (an emergency checkpoint "
-                                   f"written after an error on one rank): dropout continues from a fresh seed, not exactly")
-            self.progress = Progress(**plan.state["progress"])
-            self.note(f"✓ resumed from {plan.path}: epoch {self.progress.epoch + 1}, batch {self.progress.batch}/"
-                      f"{self.batches}, {self.progress.optimizer_steps} optimizer steps, "
-                      f"{self.progress.samples_seen} samples seen")
-            if not self.exact:
-                self.note(f"⚠ {NO_RNG_RESTORE_ENV}=1: RNG states and data position NOT restored (test-only switch)")
+            self.resume(plan)
         if self.logger is not None:
             self.logger.set_history(self.progress.history)
             self.logger.truncate_steps_after(self.progress.micro_step - 1)
@@ -342,6 +324,51 @@ class StageRun:
         if self.progress.epoch == 0 and self.progress.batch == 0 and not self.progress.history:
             self.evaluate_base()
         self.mark_boundary()
+
+    def resume(self, plan):
+        """Every state from the plan's checkpoint. On another number of processes the data continues
+        at the same sample and each rank's dropout stream is derived afresh; another global batch
+        (--new-global-batch) is mapped to the same sample too."""
+        dist, state = self.dist, plan.state
+        saved_world = state["world_size"]
+        same_batch = state["identity"]["batch_size"] * saved_world == self.cfg.batch_size * dist.world_size
+        rng_known = (saved_world == dist.world_size and dist.rank < len(state["rng"])
+                     and state["rng"][dist.rank] is not None)
+        checkpoint.restore_training_state(plan.path, state, self.model, self.optimizer, self.scheduler,
+                                          self.scaler, rank=dist.rank, device=dist.device,
+                                          restore_rng_states=self.exact and rng_known)
+        self.progress = Progress(**state["progress"])
+        if saved_world != dist.world_size:
+            torch.manual_seed(distributed.rank_seed(self.cfg.seed, self.progress.epoch, self.progress.batch, dist.rank))
+            self.note(f"✓ {plan.path} was written by {saved_world} process(es); this run has {dist.world_size}"
+                      + (", with the same global batch: the data continues at the same sample" if same_batch else "")
+                      + "; each rank's dropout stream is derived afresh from the seed (other dropout masks)")
+        elif not rng_known:
+            self.console.error(f"⚠ {plan.path} has no RNG state for rank {dist.rank} (an emergency checkpoint "
+                               f"written after an error on one rank): dropout continues from a fresh seed, not exactly")
+        if not same_batch:
+            self.continue_with_new_global_batch(state)
+        self.note(f"✓ resumed from {plan.path}: epoch {self.progress.epoch + 1}, batch {self.progress.batch}/"
+                  f"{self.batches}, {self.progress.optimizer_steps} optimizer steps, "
+                  f"{self.progress.samples_seen} samples seen")
+        if not self.exact:
+            self.note(f"⚠ {NO_RNG_RESTORE_ENV}=1: RNG states and data position NOT restored (test-only switch)")
+
+    def continue_with_new_global_batch(self, state):
+        """--new-global-batch: the checkpoint's position (batches of its layout) becomes the sample it
+        stands at in the epoch's order; the rest of the epoch is cut into this run's global batches."""
+        progress, saved = self.progress, state["identity"]
+        old = distributed.ResumableSampler(len(self.train_set), seed=self.cfg.seed, world_size=state["world_size"],
+                               batch_size=saved["batch_size"])
+        old.set_epoch(progress.epoch, progress.epoch_offset)
+        done = old.samples_done(progress.batch)
+        self.train_sampler.set_epoch(progress.epoch, done)
+        progress.epoch_offset, progress.batch = done, self.train_sampler.first_position
+        self.note(f"⚠ --new-global-batch: the checkpoint's global batch was {saved['batch_size'] * state['world_size']}, "
+                  f"this run's is {self.cfg.batch_size * self.dist.world_size}: epoch {progress.epoch + 1} continues at "
+                  f"its sample {done} of {len(self.train_set)}; the contrastive loss sees the new batch's negatives and "
+                  f"the learning rate follows the schedule over {self.cfg.epochs * self.windows} optimizer steps from "
+                  f"step {progress.optimizer_steps}")
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -388,8 +415,8 @@ class StageRun:
     def start_epoch(self, epoch):
         """Position the data order, set the modes, open the progress bar; the epoch's first batch."""
         first = self.progress.batch
-        self.train_sampler.set_epoch(epoch)
-        self.train_sampler.start_at(first if self.exact else 0)
+        self.train_sampler.set_epoch(epoch, self.progress.epoch_offset)
+        self.train_sampler.start_at(first if self.exact else self.train_sampler.first_position)
         self.model.train()
         self.model.text_model.eval()  # frozen and deterministic: no dropout on the text side
         reset_peak_memory(self.dist.device)

@@ -267,6 +267,25 @@ def test_a_run_continues_on_another_number_of_processes(workspace, one_process_r
     assert steps == sorted(set(steps)) == [s["step"] for s in read_steps(one_process_reference)]
 
 
+def test_another_global_batch_continues_at_the_same_sample_with_the_flag(workspace, tmp_path):
+    """2 processes x batch 2 (global 4) killed in epoch 2 after a periodic checkpoint; resumed on 1
+    process x batch 2 (global 2) with --new-global-batch: the run says what changes, finishes, and
+    each epoch trains every record exactly once (no sample skipped or repeated at the switch)."""
+    output = tmp_path / "output"
+    killed = run_torchrun(trainer_args(workspace, output, batch_size=2, fault_inject="sigkill@7", **NO_DROPOUT))
+    assert killed.returncode != 0, explain(killed)
+    resumed = run_trainer(trainer_args(workspace, output, batch_size=2, resume="auto", new_global_batch=None,
+                                       **NO_DROPOUT) + ["--new-global-batch"])
+    assert resumed.returncode == 0, explain(resumed)
+    assert ("--new-global-batch: the checkpoint's global batch was 4, this run's is 2: epoch 2 continues at its "
+            "sample 8 of 16") in resumed.stdout
+    steps = read_steps(output)
+    for epoch in (1, 2):
+        assert sum(s["batch_size"] for s in steps if s["epoch"] == epoch) == 16, epoch
+    assert [s["batch_size"] for s in steps if s["epoch"] == 2] == [4, 4, 2, 2, 2, 2]
+    assert [s["step"] for s in steps] == list(range(len(steps)))
+
+
 def test_torchrun_restarts_after_a_worker_is_killed_and_the_job_finishes(workspace, one_process_reference,
                                                                           tmp_path):
     """`torchrun --max-restarts=2` with the same command line: rank 1 killed before batch 3 (first

@@ -66,6 +66,26 @@ def test_start_at_resumes_the_same_order():
         ResumableSampler(30, world_size=1, batch_size=4).load_state_dict(sampler.state_dict())
 
 
+@pytest.mark.parametrize("offset", [0, 5, 8, 23])
+def test_an_epoch_resumed_under_another_layout_trains_the_rest_of_its_order_once(offset):
+    """set_epoch(e, offset): the samples after the first `offset` of the epoch's order, in order, cut
+    into this layout's global batches numbered to end at len(sampler); samples_done maps back."""
+    full = ResumableSampler(23, seed=4, world_size=1, batch_size=4)
+    full.set_epoch(2)
+    order = [index for batch in full for index, _ in batch]
+    ranks = [ResumableSampler(23, seed=4, rank=r, world_size=2, batch_size=3) for r in range(2)]
+    for sampler in ranks:
+        sampler.set_epoch(2, offset)
+    first = ranks[0].first_position
+    assert first == len(ranks[0]) - len(distributed.global_batches(23 - offset, 3, 2))
+    assert ranks[0].samples_done(first) == offset and ranks[0].samples_done(len(ranks[0])) == 23
+    batches = [list(ranks[0])[i] + list(ranks[1])[i] for i in range(len(ranks[0]) - first)]
+    assert [index for batch in batches for index, _ in batch] == order[offset:]
+    assert [ranks[0].global_batch_size(p) for p in range(first, len(ranks[0]))] == [len(b) for b in batches]
+    with pytest.raises(ValueError):
+        ranks[0].start_at(first - 1) if first else ranks[0].start_at(len(ranks[0]) + 1)
+
+
 def test_global_batches_match_one_process_with_the_global_batch_size():
     """Two ranks with batch 4 together take the same records per step as one process with batch 8."""
     two = epoch_batches(37, 4, 2, epoch=2)
