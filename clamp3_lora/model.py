@@ -657,6 +657,12 @@ def _check_tokenizer(tokenizer, config, name):
 # --- adapter files ---------------------------------------------------------------------------
 
 
+def read_adapter(path):
+    """(LoraConfig, {key: tensor}) of a peft adapter directory; CheckpointError naming it if unusable."""
+    path = Path(path)
+    return _read_lora_config(path), _read_adapter_weights(path)
+
+
 def _read_lora_config(path):
     """The LoraConfig of a peft adapter directory (CheckpointError naming the directory if unusable)."""
     config_file = path / ADAPTER_CONFIG

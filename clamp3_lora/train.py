@@ -492,6 +492,23 @@ class StageRun:
                                                                   step_in_epoch))
             if path is not None:
                 checkpoint.delete_superseded(self.log_dir, self.stage.name, path)
+                self.logger.write(self.progress_line(epoch, step_in_epoch))
+
+    def progress_line(self, epoch, step_in_epoch):
+        """One line for the text log at each periodic checkpoint (so `tail -f` shows the run moving):
+        where the stage is, the epoch's mean loss so far, lr, samples/s, elapsed and remaining time."""
+        progress, cfg = self.progress, self.cfg
+        total = cfg.epochs * self.windows
+        seconds_per_step = progress.epoch_time / max(step_in_epoch - self.train_sampler.first_position, 1)
+        remaining = (total - (epoch * self.windows + step_in_epoch)) * seconds_per_step
+        loss = progress.epoch_loss_sum / progress.epoch_loss_count if progress.epoch_loss_count else None
+        memory = (f", GPU memory {torch.cuda.max_memory_allocated(self.dist.device) / 2 ** 30:.2f} GiB peak"
+                  if self.dist.device.type == "cuda" else "")
+        return (f"[{self.stage.name}] {time.strftime('%H:%M:%S')} epoch {epoch + 1}/{cfg.epochs} step {step_in_epoch}/"
+                f"{self.windows} ({epoch * self.windows + step_in_epoch}/{total} optimizer steps): loss "
+                f"{format_value(loss)}, lr {self.optimizer.param_groups[0]['lr']:.2e}, "
+                f"{progress.epoch_samples / max(progress.epoch_time, 1e-9):.1f} samples/s, epoch time "
+                f"{progress.epoch_time / 60:.1f} min, about {remaining / 60:.1f} min of training left{memory}")
 
     def end_epoch(self, epoch):
         """Evaluate, keep the best adapter, log the epoch, write the epoch checkpoint."""

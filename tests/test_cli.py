@@ -33,3 +33,9 @@ def test_boolean_flags_switch_both_ways():
     assert parse_config(["--no-text-ahead"]).speed.text_ahead is False
     assert parse_config(["--fp32-residual"]).speed.fp32_residual is True
     assert parse_config([]) == TrainConfig()
+
+
+def test_music_root_repeats_and_defaults_to_none():
+    assert parse_config([]).music_root == []
+    assert parse_config(["--music-root", "a", "--music-root", "/b"]).music_root == ["a", "/b"]
+    assert parse_config(["--new-global-batch"]).new_global_batch is True

@@ -2,6 +2,7 @@
 fallback, injected OOM/NaN guards, the bad-steps limit, checkpoint rotation with the best adapter
 kept, skipping a finished stage, and refusing to overwrite an earlier run."""
 import json
+import re
 import shutil
 
 import pytest
@@ -176,3 +177,16 @@ def test_every_bad_record_is_in_the_training_log_and_the_terminal_says_where(tmp
         assert f"{data}:{number}: " in log, number
     assert "... and 5 more" in result.stdout and "Traceback" not in result.stderr
     assert f"(all 10 bad records of {data}: {log_dir(output) / 'ABC_training.log'})" in result.stdout
+
+
+def test_the_text_log_has_a_progress_line_at_each_periodic_checkpoint(tmp_path_factory):
+    """`tail -f ABC_training.log` shows the run moving between epoch blocks: one line per periodic
+    checkpoint (2 per epoch here) with the step, loss, lr, rate and the time left."""
+    _, output = reference_run(tmp_path_factory)
+    lines = [line for line in (log_dir(output) / "ABC_training.log").read_text().splitlines()
+             if line.startswith("[ABC] ") and " optimizer steps): loss " in line]
+    assert len(lines) == 2  # 4 steps per epoch: periodic after step 2 of each epoch (the 4th is the epoch's)
+    assert re.fullmatch(r"\[ABC\] \d\d:\d\d:\d\d epoch 1/2 step 2/4 \(2/8 optimizer steps\): loss \d\.\d{6}, "
+                        r"lr \S+, [\d.]+ samples/s, epoch time [\d.]+ min, about [\d.]+ min of training left",
+                        lines[0]), lines[0]
+    assert "epoch 2/2 step 2/4 (6/8 optimizer steps)" in lines[1]
