@@ -71,7 +71,7 @@ class Console:
             f"    Chance ({entry['eval_pairs']} pairs): MRR {chance['t2m_mrr']:.4f}, Hit@1/5/10 {chance['t2m_hit@1']:.3f}/"
             f"{chance['t2m_hit@5']:.3f}/{chance['t2m_hit@10']:.3f}",
             f"    GPU Memory: {memory['allocated_gb']:.2f} GB allocated, {memory['reserved_gb']:.2f} GB reserved, "
-            f"{memory['peak_gb']:.2f} GB peak",
+            f"{memory['peak_gb']:.2f} GB peak" if memory else "    GPU Memory: none (a CPU run)",
             f"    Throughput: {entry['samples_per_s']:.1f} samples/s    Skipped batches: {format_counts(entry['skipped'])}",
         ]
         if improved:

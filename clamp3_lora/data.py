@@ -302,7 +302,7 @@ def _parse_line(raw, path, number, base_dir):
     except UnicodeDecodeError as error:
         return BadRecord(path, number, "invalid_json", f"not UTF-8: {error.reason} at byte {error.start}")
     except json.JSONDecodeError as error:
-        return BadRecord(path, number, "invalid_json", error.msg + f" at column {error.colno}")
+        return BadRecord(path, number, "invalid_json", f"{error.msg}: column {error.colno}")
     except RecursionError:
         return BadRecord(path, number, "invalid_json", "nested deeper than the JSON reader can follow")
     if not isinstance(obj, dict):

@@ -53,7 +53,11 @@ def resolve_device(name, local_rank=0):
 
     Never falls back: a CUDA device without a usable GPU raises Clamp3LoraError.
     """
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:  # torch's own message lists twenty device types
+        raise Clamp3LoraError(f"unknown --device {name!r}: use cuda (the default; cuda:N for one GPU) or cpu") \
+            from error
     if device.type == "cpu":
         return device
     if device.type != "cuda":

@@ -344,6 +344,8 @@ def cmd_evaluate(args):
     if len(patches) < 2:
         raise Clamp3LoraError(f"{args.data}: {len(patches)} usable text-music pair(s); retrieval ranks each "
                               "text among the pieces, which needs at least 2")
+    for note in format_notes(args.adapter or [], scan):
+        print(f"⚠ {note}", file=sys.stderr)
     results = evaluate(model, args.adapter or [], patches, text_ids, device, precision, args.batch_size,
                        args.max_patches, args.max_text_tokens, progress)
     summary = {
@@ -357,13 +359,35 @@ def cmd_evaluate(args):
                      "long_texts": sum(len(t) > args.max_text_tokens for t in text_ids)},
     }
     name = args.name or f"evaluation_{Path(args.data).stem}"
+    earlier = [path for path in (Path(args.out_dir) / f"{name}{suffix}" for suffix in (".txt", ".json", ".png"))
+               if path.exists()]
     paths = write_report(results, summary, args.out_dir, name)
+    if earlier:
+        print(f"⚠ replaced the earlier report {earlier[0].with_suffix('')}.* (--name gives a report another name)",
+              file=sys.stderr)
     print(f"{args.data}: {len(patches)} pairs ({summary['segments']['long_pieces']} pieces over "
           f"{args.max_patches} patches and {summary['segments']['long_texts']} texts over "
           f"{args.max_text_tokens} tokens encoded in segments)")
     print(format_table(results, len(patches)))
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def format_notes(adapters, scan):
+    """Notes on adapters evaluated on data of the other format (their training_record.json names the
+    stage they were trained in; the data's format is that of its music files)."""
+    kinds = {"abc" if record.paths[0].lower().endswith(".abc") else "mtf" for record in scan.records}
+    notes = []
+    for adapter in adapters:
+        record_file = Path(adapter) / "training_record.json"
+        try:
+            stage = json.loads(record_file.read_text(encoding="utf-8")).get("stage", "")
+        except (OSError, ValueError, AttributeError):
+            continue  # another project's adapter: no record of what it was trained on
+        if stage.lower() in ("abc", "mtf") and kinds and stage.lower() not in kinds:
+            notes.append(f"{adapter} was trained on {stage.upper()} music; this data is "
+                         f"{'/'.join(sorted(k.upper() for k in kinds))} (MIDI counts as MTF)")
+    return notes
 
 
 # --------------------------------------------------------------------------------------------

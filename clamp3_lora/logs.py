@@ -68,7 +68,8 @@ def atomic_write_json(path, obj):
 
 
 def gpu_memory(device=None):
-    """GPU memory of `device` in GB: {"allocated_gb", "reserved_gb", "peak_gb"}; zeros on CPU.
+    """GPU memory of `device` in GB: {"allocated_gb", "reserved_gb", "peak_gb"}; None on the CPU
+    (the logs then say it was a CPU run, not "0.00 GB").
 
     `device` is a torch.device, a string ("cuda", "cuda:1", "cpu") or None (the current CUDA device
     when there is one). peak_gb is torch's max_memory_allocated since the last reset of peak stats.
@@ -76,10 +77,10 @@ def gpu_memory(device=None):
     device = torch.device(device) if device is not None else None
     if device is None:
         if not torch.cuda.is_available():
-            return {"allocated_gb": 0.0, "reserved_gb": 0.0, "peak_gb": 0.0}
+            return None
         device = torch.device("cuda", torch.cuda.current_device())
     if device.type != "cuda":
-        return {"allocated_gb": 0.0, "reserved_gb": 0.0, "peak_gb": 0.0}
+        return None
     return {
         "allocated_gb": torch.cuda.memory_allocated(device) / GB,
         "reserved_gb": torch.cuda.memory_reserved(device) / GB,
@@ -101,17 +102,20 @@ def format_number(value, digits=6):
 def epoch_block(entry, total_epochs):
     """The text-log block of one epoch (FEATURES.md's lines first, then memory peak, metrics,
     skipped batches and any other scalar fields of the entry)."""
-    memory = entry.get("gpu_memory") or {}
+    memory = entry.get("gpu_memory")
     lines = [
         f"Epoch {entry['epoch']}/{total_epochs}" + (" (base model, before training)" if entry.get("base_model") else ""),
         f"Train Loss: {format_number(entry.get('train_loss'))}",
         f"Eval Loss: {format_number(entry.get('eval_loss'))}",
         f"Time: {entry.get('time', 0.0):.1f}s",
         f"Timestamp: {entry.get('timestamp', '')}",
-        f"GPU Memory Allocated: {memory.get('allocated_gb', 0.0):.2f} GB",
-        f"GPU Memory Reserved: {memory.get('reserved_gb', 0.0):.2f} GB",
-        f"GPU Memory Peak: {memory.get('peak_gb', 0.0):.2f} GB",
     ]
+    if memory:
+        lines += [f"GPU Memory Allocated: {memory['allocated_gb']:.2f} GB",
+                  f"GPU Memory Reserved: {memory['reserved_gb']:.2f} GB",
+                  f"GPU Memory Peak: {memory['peak_gb']:.2f} GB"]
+    else:
+        lines.append("GPU Memory: none (a CPU run)")
     chance = entry.get("chance") or {}
     for name, value in (entry.get("metrics") or {}).items():
         beside = f" (chance {format_number(chance[name], 4)})" if name in chance else ""
@@ -153,6 +157,17 @@ def finite_points(xs, ys):
     return [x for x, _ in pairs], [y for _, y in pairs]
 
 
+def smaller_batches(steps):
+    """[(step, loss)] of the steps whose global batch was smaller than the run's usual one (each
+    epoch's last batch takes what is left). The contrastive loss of a batch grows with its size
+    (more negatives), so these steps dip in the per-step plot; the plot marks them."""
+    sizes = [r.get("batch_size") for r in steps if r.get("batch_size")]
+    if not sizes:
+        return []
+    usual = max(sizes)
+    return [(r["step"], r.get("loss")) for r in steps if r.get("batch_size") and r["batch_size"] < usual]
+
+
 def draw_curves(stage, history, steps):
     """PNG bytes: epoch losses, retrieval metrics per epoch and (when there are steps) step loss."""
     panels = 3 if steps else 2
@@ -191,6 +206,12 @@ def draw_curves(stage, history, steps):
         xs, ys = finite_points([r.get("step") for r in shown], [r.get("loss") for r in shown])
         step_loss = figure.add_subplot(1, panels, 3)
         step_loss.plot(xs, ys, linewidth=0.8)
+        small = smaller_batches(steps)
+        small_x, small_y = finite_points([x for x, _ in small], [y for _, y in small])
+        if small_x:
+            step_loss.plot(small_x, small_y, "x", color="tab:red", markersize=4,
+                           label="an epoch's smaller last batch:\nfewer negatives, so a lower loss")
+            step_loss.legend(fontsize="small")
         step_loss.set(title=f"{stage} training loss per step", xlabel="step", ylabel="loss")
         step_loss.grid(alpha=0.3)
 

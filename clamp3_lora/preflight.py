@@ -199,8 +199,9 @@ def check_config(report, cfg):
     if problems:
         report.fail("configuration", f"{len(problems)} invalid setting(s)", problems)
     else:
+        used = cfg.precision if cfg.device.startswith("cuda") else "fp32 (every CPU run is fp32)"
         report.ok("configuration", f"stages {','.join(stages)}, device {cfg.device}, precision "
-                                   f"{cfg.precision}, batch {cfg.batch_size} x {cfg.grad_accum} accumulation")
+                                   f"{used}, batch {cfg.batch_size} x {cfg.grad_accum} accumulation")
     return [s for s in stages if s in STAGES]
 
 
@@ -681,8 +682,27 @@ def main(cfg, out=None, argv=None):
     scans = check_data(report, cfg, stages)
     lora_parameters = count_parameters(model, trainable_only=True) if model is not None else None
     check_outputs(report, cfg, stages, lora_parameters)
+    if earlier_run(report, cfg, stages):
+        command += " --resume auto   (continues the earlier run; --resume fresh deletes its checkpoints and starts over)"
     check_dry_step(report, cfg, model, scans, stages, device)
     return report.summary(command)
+
+
+def earlier_run(report, cfg, stages):
+    """Whether the logs folder holds checkpoints of an earlier run that the command, without
+    --resume, would refuse to overwrite (a warning names the choices)."""
+    from . import checkpoint
+    if cfg.resume:
+        return False
+    log_dir = Path(cfg.output_dir) / "logs" / "lora"
+    found = [path.name for stage in stages for path in checkpoint.stage_checkpoints(log_dir, stage.upper())]
+    found += [checkpoint.finished_path(log_dir, stage.upper()).name for stage in stages
+              if checkpoint.finished_path(log_dir, stage.upper()).exists()]
+    if found:
+        report.warn("earlier run", f"{log_dir} holds {len(found)} checkpoint file(s) of an earlier run "
+                                   f"({', '.join(sorted(found)[:3])}{' ...' if len(found) > 3 else ''}): training "
+                                   f"needs --resume auto (continue it) or --resume fresh (start over)")
+    return bool(found)
 
 
 def training_command(argv):

@@ -27,6 +27,8 @@ def test_help_lists_every_field_with_its_text():
     # the speed switches come last, in a group of their own, after the settings users need
     assert text.index("speed switches:") > text.index("--dist-timeout-s")
     assert text.index("--fast-encoder, --no-fast-encoder") > text.index("speed switches:")
+    # the usage examples keep a line each (not run together into one paragraph)
+    assert "\n    python train_clamp3_lora.py --resume auto      # continue after an interruption\n" in result.stdout
 
 
 def test_boolean_flags_switch_both_ways():
@@ -39,3 +41,11 @@ def test_music_root_repeats_and_defaults_to_none():
     assert parse_config([]).music_root == []
     assert parse_config(["--music-root", "a", "--music-root", "/b"]).music_root == ["a", "/b"]
     assert parse_config(["--new-global-batch"]).new_global_batch is True
+
+
+def test_an_unknown_device_is_one_clear_line():
+    import pytest
+    from clamp3_lora.distributed import resolve_device
+    from clamp3_lora.errors import Clamp3LoraError
+    with pytest.raises(Clamp3LoraError, match=r"unknown --device 'gpu': use cuda \(the default; cuda:N for one GPU\) or cpu"):
+        resolve_device("gpu")

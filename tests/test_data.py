@@ -284,6 +284,7 @@ def test_every_bad_record_kind_is_skipped_and_counted(tmp_path):
     assert "missing.abc" in str(by_line[6])
     assert "binary.abc" in by_line[7].detail
     assert str(by_line[12]).startswith(f"{data}:12: invalid_json (not UTF-8")
+    assert re.fullmatch(r".*:2: invalid_json \(Expecting value: column \d+\)", str(by_line[2])), str(by_line[2])
     assert str(by_line[19]) == f"{data}:19: bad_text (field 'caption': surrogates not allowed at character 17)"
     assert str(by_line[20]) == f"{data}:20: invalid_json (nested deeper than the JSON reader can follow)"
     summary = result.summary(show=3)

@@ -168,6 +168,24 @@ def test_evaluate_demo_uses_the_demo_base_and_tokenizer(tmp_path, capsys):
     assert report["segments"]["patches"] == 256 and report["pairs"] == 78
 
 
+def test_an_adapter_of_the_other_format_and_a_replaced_report_are_said(adapter_dir, tmp_path, capsys):
+    """An MTF adapter scored on ABC data gets a note (its training record names the stage); a second
+    run into the same report names the report it replaced."""
+    mtf_adapter = tmp_path / "mtf_adapter"
+    shutil.copytree(adapter_dir, mtf_adapter)
+    (mtf_adapter / "training_record.json").write_text(json.dumps({"stage": "MTF"}))
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(dict(json.loads(line), filepaths=[str(DEMO / p) for p in json.loads(line)["filepaths"]]))
+                            + "\n" for line in (DEMO / "abc_eval.jsonl").read_text().splitlines()[:4]))
+    argv = ["--data", str(data), "--preset", "tiny", "--text-model", TOKENIZER, "--device", "cpu", "--quiet",
+            "--out-dir", str(tmp_path / "report"), "--music-root", str(DEMO), "--adapter", str(mtf_adapter)]
+    assert evaluate.main(argv) == 0
+    first = capsys.readouterr().err
+    assert f"{mtf_adapter} was trained on MTF music; this data is ABC" in first and "replaced" not in first
+    assert evaluate.main(argv) == 0
+    assert f"replaced the earlier report {tmp_path / 'report' / 'evaluation_pairs'}.*" in capsys.readouterr().err
+
+
 def test_an_eval_set_of_one_pair_is_refused_clearly(tmp_path, capsys):
     record = json.loads((DEMO / "abc_eval.jsonl").read_text().splitlines()[0])
     record["filepaths"] = [str(DEMO / p) for p in record["filepaths"]]

@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from clamp3_lora.logs import (StageLogger, atomic_write_json, atomic_write_text, epoch_block,
-                              gpu_memory)
+from clamp3_lora.logs import (StageLogger, atomic_write_json, atomic_write_text, draw_curves, epoch_block,
+                              gpu_memory, smaller_batches)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -132,5 +132,17 @@ def test_atomic_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["history.json"]
 
 
-def test_gpu_memory_is_zero_on_cpu():
-    assert gpu_memory("cpu") == {"allocated_gb": 0.0, "reserved_gb": 0.0, "peak_gb": 0.0}
+def test_a_cpu_run_says_so_instead_of_zero_gpu_memory():
+    assert gpu_memory("cpu") is None
+    block = epoch_block({"epoch": 1, "train_loss": 0.5, "eval_loss": 0.4, "gpu_memory": None}, 3)
+    assert "GPU Memory: none (a CPU run)" in block and "0.00 GB" not in block
+
+
+def test_the_smaller_last_batch_of_an_epoch_is_marked_in_the_step_plot():
+    """The per-step loss dips at each epoch's last, smaller batch (fewer negatives); those steps are
+    the ones marked and explained in the plot's legend."""
+    steps = [{"step": i, "loss": 2.0, "batch_size": 4} for i in range(3)] + [{"step": 3, "loss": 1.1, "batch_size": 2}]
+    steps += [{"step": 4, "loss": 1.9, "batch_size": 4}, {"step": 5, "loss": None, "batch_size": 2}]
+    assert smaller_batches(steps) == [(3, 1.1), (5, None)]
+    assert smaller_batches([{"step": 0, "loss": 1.0}]) == []
+    assert draw_curves("ABC", [], steps)[:8] == b"\x89PNG\r\n\x1a\n"

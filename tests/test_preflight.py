@@ -143,6 +143,21 @@ def test_demo_setup_is_ready(runs):
         assert any(line.startswith(f"✓ {stage} step: loss") for line in marked(output, "✓")), output
 
 
+def test_an_earlier_run_and_the_cpu_precision_are_named(setup, tmp_path):
+    """The preflight does not promise a command that would refuse: with checkpoints of an earlier run
+    in the logs folder it warns and prints the command with --resume auto (naming --resume fresh);
+    on the CPU it reports the fp32 the trainer will use, not the bf16 default."""
+    out = tmp_path / "out"
+    (out / "logs" / "lora").mkdir(parents=True)
+    (out / "logs" / "lora" / "ABC_checkpoint_epoch1.pth").write_bytes(b"x")
+    code, output = preflight_in_process(own_setup_args(setup, out))
+    assert code == 0, output
+    assert "earlier run" in output and "needs --resume auto (continue it) or --resume fresh" in output
+    assert output.rstrip().splitlines()[-1].startswith("✓ Ready to train: python train_clamp3_lora.py")
+    assert "--resume auto   (continues the earlier run; --resume fresh" in output
+    assert "precision fp32 (every CPU run is fp32)" in output and "precision bf16" not in output
+
+
 def test_missing_weights_fail_naming_the_file(runs, setup):
     code, output = result(runs, "missing_weights")
     assert code != 0
