@@ -62,8 +62,10 @@ class SpeedConfig:
 @dataclass
 class TrainConfig:
     # --- model -------------------------------------------------------------------------------
-    weights: str = "code/weights/clamp3_saas_h_size_768_lr_5e-05_batch_size_128_p_size_64_p_length_512_t_length_128_resumed_epoch_30.pth"
-    """Official CLaMP 3 checkpoint (.pth with a "model" state dict)."""
+    weights: str = "c2"
+    """The base weights: c2 (the official CLaMP 3 C2 release, for symbolic music; downloaded from the
+    hub repository sander-wood/clamp3 into the Hugging Face cache on first use), saas (the official
+    SAAS release), REPO_ID:FILENAME (any hub file), or a local .pth with a "model" state dict."""
     text_model: str = "FacebookAI/xlm-roberta-base"
     """Hub id or local folder of the XLM-R tokenizer and config (weights come from --weights)."""
     preset: str = ""

@@ -37,6 +37,7 @@ from .mtf import MIDI_SUFFIXES, read_music
 from .patches import patchify
 from .prepare import default_workers, find_files, run_parallel
 from .precision import PRECISIONS, autocast, default_for
+from .weights import resolve as resolve_weights
 from .step import to_device
 
 MUSIC_SUFFIXES = (".abc", ".mtf") + MIDI_SUFFIXES
@@ -181,6 +182,8 @@ def build_model(args, device):
         weights = TrainConfig().weights
     if weights is None:
         torch.manual_seed(args.seed)
+    else:
+        weights = resolve_weights(weights)
     if weights is not None and not Path(weights).is_file():
         raise Clamp3LoraError(f"checkpoint not found: {weights} (pass --weights, or --preset tiny for a "
                               "random tiny model)")
@@ -514,8 +517,9 @@ def add_model_flags(parser):
                         help=f"the demo's model: base {demo['weights']}, tokenizer {demo['text_model']}, "
                              f"{demo['max_patches']} patches per segment (flags given explicitly win)")
     parser.add_argument("--weights", default=None,
-                        help=f"official CLaMP 3 checkpoint (default: {defaults.weights}; with --preset "
-                             "and no --weights: a random model of that preset)")
+                        help=f"base weights: c2 or saas (the official releases, from the hub), REPO_ID:FILENAME, "
+                             f"or a local .pth (default: {defaults.weights}; with --preset and no --weights: a "
+                             "random model of that preset)")
     parser.add_argument("--preset", default="", help="model preset (\"tiny\": the demo/test size)")
     parser.add_argument("--seed", type=int, default=0, help="seed of a random --preset model's weights")
     parser.add_argument("--text-model", default=None,

@@ -20,6 +20,7 @@ from .config import DEMO_BASE
 from .errors import CheckpointError, Clamp3LoraError
 from .logs import atomic_write_bytes
 from .model import load_model, read_adapter
+from .weights import resolve as resolve_weights
 
 _LAYER = re.compile(r"encoder\.layer\.(\d+)\.")
 
@@ -61,7 +62,8 @@ def merged_checkpoint(weights, adapter):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m clamp3_lora.merge", description=__doc__.split("\n")[0])
-    parser.add_argument("--weights", help="the base checkpoint the adapter was trained on (official layout)")
+    parser.add_argument("--weights", help="the base the adapter was trained on: c2, saas, REPO_ID:FILENAME or a "
+                                          "local .pth (official layout)")
     parser.add_argument("--demo", action="store_true", help=f"use the demo base ({DEMO_BASE}) as --weights")
     parser.add_argument("--adapter", required=True, help="adapter directory (peft format)")
     parser.add_argument("--out", required=True, help="the merged checkpoint to write (.pth)")
@@ -74,6 +76,7 @@ def main(argv=None):
         out = Path(args.out)
         if out.exists() and not args.overwrite:
             raise Clamp3LoraError(f"{out} exists; choose another --out or add --overwrite")
+        weights = resolve_weights(weights)
         if not Path(weights).is_file():
             raise CheckpointError(f"checkpoint not found: {weights}")
         checkpoint, changed = merged_checkpoint(weights, args.adapter)

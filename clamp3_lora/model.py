@@ -32,6 +32,7 @@ from torch import nn
 from transformers import BertConfig, BertModel, XLMRobertaConfig, XLMRobertaModel
 
 from .errors import CheckpointError, Clamp3LoraError
+from .weights import hub_unreachable
 
 PATCH_SIZE = 64
 """Characters per patch; fixed by the M3 patch format."""
@@ -618,7 +619,6 @@ def load_tokenizer(name):
 
     Raises Clamp3LoraError explaining how to get the tokenizer when it is not available.
     """
-    from huggingface_hub import constants as hub_constants
     from transformers import AutoTokenizer
 
     if Path(name).is_dir():
@@ -630,16 +630,18 @@ def load_tokenizer(name):
         return AutoTokenizer.from_pretrained(name, local_files_only=True)
     except (OSError, ValueError) as cached_error:
         first_error = cached_error
-    if not hub_constants.HF_HUB_OFFLINE:
+    unreachable = hub_unreachable()
+    if not unreachable:  # offline or no network: fail now, not after the download library's ten retries
         try:
             return AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError) as error:
             first_error = error
     raise Clamp3LoraError(
         f"tokenizer {name!r} is not available: it is neither a local folder nor in the Hugging Face "
-        f"cache, and it could not be downloaded ({first_error.__class__.__name__}). Download it once "
-        f"on a machine with network access (e.g. `hf download {name} --local-dir tokenizer/`) and "
-        f"pass that folder as --text_model, or run once with network access to fill the cache.")
+        f"cache, and it could not be downloaded ({unreachable or first_error.__class__.__name__}). Download it "
+        f"once on a machine with network access (e.g. `hf download {name} --local-dir tokenizer/`) and "
+        f"pass that folder as --text-model, or run once with network access to fill the cache.")
+
 
 
 def _check_tokenizer(tokenizer, config, name):

@@ -26,12 +26,10 @@ import os
 import platform
 import re
 import shlex
-import socket
 import shutil
 import sys
 import tempfile
 import time
-import urllib.parse
 from pathlib import Path
 
 
@@ -49,8 +47,6 @@ DISK_MARGIN_BYTES = 200 * MB
 """Room on top of the checkpoint estimate: logs, PNGs, history, adapter records."""
 GPU_USABLE_SHARE = 0.9
 """Share of a GPU's memory the batch-size hint plans to use (the rest: fragmentation, other work)."""
-HUB_TIMEOUT_S = 5
-"""Seconds to wait for a connection to the Hugging Face hub before calling it unreachable."""
 CPU_FALLBACK_BATCH = 2
 """Batch size of the dry step when it runs on the CPU only because the GPU is missing."""
 
@@ -293,6 +289,7 @@ def check_tokenizer(report, cfg):
     """Load the text tokenizer (local folder or hub id); returns it or None."""
     from .errors import Clamp3LoraError
     from .model import load_tokenizer
+    from .weights import hub_unreachable
 
     report.section("Model")
     start = time.perf_counter()
@@ -330,19 +327,29 @@ def tokenizer_cached(name):
     return isinstance(found, str)
 
 
-def hub_unreachable(timeout_s=HUB_TIMEOUT_S):
-    """Why the Hugging Face hub cannot be reached ("" when it can): offline mode or no connection.
-    Asked before a download so that an offline machine gets an answer at once instead of retries."""
-    from huggingface_hub import constants, is_offline_mode
-
-    if is_offline_mode():
-        return "offline mode is on (HF_HUB_OFFLINE)"
-    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+def weights_source(report, name):
+    """For a hub name (c2, saas, REPO:FILE): say where the weights come from and whether they are
+    cached, fetch them when not (the dry step needs them); the local path, or None after a failure
+    (reported). A local path: None (the caller checks it)."""
+    from . import weights
+    from .errors import Clamp3LoraError
+    found = weights.hub_file(name)
+    if found is None:
+        return None
+    repo, filename = found
+    cached = weights.cached(name)
+    if cached:
+        report.ok("weights", f"{name} = hub file {repo}:{filename}, in the Hugging Face cache: {cached}")
+        return cached
+    start = time.perf_counter()
     try:
-        socket.create_connection((host, 443), timeout=timeout_s).close()
-    except OSError as error:
-        return f"{host}: {error}"
-    return ""
+        path = weights.resolve(name)
+    except Clamp3LoraError as error:
+        report.fail("weights", str(error))
+        return None
+    report.ok("weights", f"{name} = hub file {repo}:{filename}: downloaded in {time.perf_counter() - start:.0f}s "
+                         f"({Path(path).stat().st_size / GB:.2f} GB of disk) into the Hugging Face cache: {path}")
+    return path
 
 
 def check_model(report, cfg, tokenizer):
@@ -364,12 +371,12 @@ def check_model(report, cfg, tokenizer):
         report.ok("base model", f"random {cfg.preset} model (preset '{cfg.preset}'; --weights not used), "
                                 f"{count_parameters(model) / 1e6:.1f}M parameters")
     else:
-        weights = Path(cfg.weights)
+        weights = Path(weights_source(report, cfg.weights) or cfg.weights)
         if not weights.is_file():
             report.fail("base model", f"checkpoint not found: {weights}",
                         [f"absolute path: {weights.resolve()}",
-                         "download the official CLaMP 3 weights there or pass --weights PATH "
-                         "(--preset tiny builds a random model for tests)"])
+                         "pass --weights c2 (the official C2 release, fetched from the hub), saas, "
+                         "REPO_ID:FILENAME or the path of a checkpoint (--preset tiny builds a random model for tests)"])
             return None
         try:
             model = load_model(str(weights), text_model=None)

@@ -42,7 +42,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import checkpoint, distributed, precision
+from . import checkpoint, distributed, precision, weights
 from .console import Console, banner, final_summary, format_counts, format_value
 from .data import SHOWN_BAD_RECORDS, MusicTextDataset, has_samples, make_batch_loader, scan_data_file
 from .errors import Clamp3LoraError, DataError
@@ -88,6 +88,8 @@ def main(cfg, argv=None):
         cfg = replace(cfg, resume="auto")
     try:
         with StopSignals() as signals:
+            if not cfg.preset:  # c2, saas, REPO:FILE -> the file in the Hugging Face cache (downloaded once)
+                cfg = replace(cfg, weights=weights.resolve(cfg.weights))
             banner(cfg, dist, stages, console)
             if restarts:
                 console.say(f"⚠ torchrun restarted this job (restart {restarts}): continuing from the newest "

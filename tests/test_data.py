@@ -14,7 +14,7 @@ import torch
 from clamp3_lora.data import (REASONS, Collator, MusicTextDataset, Record, SequentialKeys, TextCache,
                               collate, encode_text, evaluation_text, has_samples, make_loader,
                               scan_data_file, text_lines, training_text)
-from clamp3_lora.errors import DataError, MusicFormatError
+from clamp3_lora.errors import DataError
 from clamp3_lora.mtf import music_kind
 from trainer_fixtures import word_tokenizer
 
