@@ -6,6 +6,7 @@ repository's script or module does:
     clamp3-prepare    python -m clamp3_lora.prepare
     clamp3-evaluate   python -m clamp3_lora.evaluate
     clamp3-merge      python -m clamp3_lora.merge
+    clamp3-search     python -m clamp3_lora.search
 """
 import sys
 

@@ -33,7 +33,7 @@ from .errors import Clamp3LoraError, MusicFormatError
 from .logs import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .metrics import METRIC_NAMES, chance_metrics, retrieval_metrics
 from .model import TRAINING_RECORD, load_model
-from .mtf import MIDI_SUFFIXES, read_music
+from .mtf import MIDI_SUFFIXES, NOT_MUSIC, music_kind, read_music
 from .patches import patchify
 from .prepare import default_workers, find_files, run_parallel
 from .precision import PRECISIONS, autocast, default_for
@@ -123,8 +123,12 @@ def average_segments(features, segments, count):
 
 def piece_patches(path):
     """All patches of a music file (BOS and EOS patches included, nothing cut) as a uint8 array
-    [L, 64]; raises MusicFormatError naming the file. Top-level for worker processes."""
-    return np.asarray(patchify(read_music(path), truncate=None, source=str(path)), dtype=np.uint8)
+    [L, 64]; raises MusicFormatError naming the file, also for a file that is not music
+    (mtf.music_kind). Top-level for worker processes."""
+    text = read_music(path)
+    if music_kind(text) is None:
+        raise MusicFormatError(f"{path}: {NOT_MUSIC}")
+    return np.asarray(patchify(text, truncate=None, source=str(path)), dtype=np.uint8)
 
 
 def read_pieces(paths, workers=None, progress=True):

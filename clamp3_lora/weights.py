@@ -41,6 +41,9 @@ def resolve(name):
     A local path is returned as it is (the loader says when it is missing)."""
     found = hub_file(name)
     if found is None:
+        if not Path(name).exists() and "/" not in name and "." not in name:
+            raise CheckpointError(f"--weights {name!r}: not a file, and not a name of weights: use c2 or saas (the "
+                                  f"official releases), REPO_ID:FILENAME (a hub file) or the path of a .pth")
         return name
     repo, filename = found
     from huggingface_hub import hf_hub_download

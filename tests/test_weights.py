@@ -11,6 +11,7 @@ import threading
 import pytest
 
 from clamp3_lora import weights
+from clamp3_lora.errors import CheckpointError
 from trainer_fixtures import ROOT
 
 PAYLOAD = bytes(range(256)) * 800   # stands in for a checkpoint: only bytes move here
@@ -98,6 +99,8 @@ def test_names_and_paths():
     assert weights.hub_file("user/repo:file.pth") == ("user/repo", "file.pth")
     assert weights.hub_file("demo/base/clamp3_demo_base.pth") is None
     assert weights.resolve("local/path.pth") == "local/path.pth"
+    with pytest.raises(CheckpointError, match="'c3': not a file, and not a name of weights: use c2 or saas"):
+        weights.resolve("c3")
 
 
 def test_a_tokenizer_without_network_fails_at_once_naming_the_flag(tmp_path):
