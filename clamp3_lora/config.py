@@ -146,6 +146,10 @@ class TrainConfig:
     best_metric: str = "eval_loss"
     """Metric that picks the best adapter: eval_loss (lower is better) or one of t2m_mrr, m2t_mrr,
     t2m_hit@1, t2m_hit@5, t2m_hit@10, m2t_hit@1, m2t_hit@5, m2t_hit@10 (higher is better)."""
+    report_to: list[str] = field(default_factory=list)
+    """Also send every logged scalar (per step and per epoch) to tensorboard or wandb (repeatable;
+    default none). Event files go to OUTPUT_DIR/logs/lora/tensorboard; each needs its package (pip
+    install .[tracking])."""
     checkpoints_per_epoch: int = 10
     """Periodic checkpoints per epoch (0 disables them)."""
     keep_epoch_checkpoints: int = 3

@@ -42,7 +42,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import checkpoint, distributed, precision, weights
+from . import checkpoint, distributed, precision, tracking, weights
 from .console import Console, banner, final_summary, format_counts, format_value
 from .data import SHOWN_BAD_RECORDS, MusicTextDataset, has_samples, make_batch_loader, scan_data_file
 from .errors import Clamp3LoraError, DataError
@@ -77,6 +77,7 @@ def main(cfg, argv=None):
     started = time.time()
     try:
         stages = check_config(cfg)
+        tracking.check(cfg.report_to)
         faults = Faults.parse(cfg.fault_inject or os.environ.get(FAULTS_ENV, ""))
         dist = distributed.setup(cfg.device, cfg.dist_timeout_s)
     except Clamp3LoraError as error:
@@ -317,6 +318,9 @@ class StageRun:
         if self.logger is not None:
             self.logger.set_history(self.progress.history)
             self.logger.truncate_steps_after(self.progress.micro_step - 1)
+        backends = tracking.check(self.cfg.report_to) if dist.is_main else []
+        self.tracker = tracking.Tracker(backends, self.log_dir, self.stage.name, asdict(self.cfg),
+                                        next_step=self.progress.micro_step, next_epoch=len(self.progress.history))
         cfg = self.cfg
         self.note(f"  {len(self.train_set)} training records, {len(self.eval_set)} validation records; "
                   f"{self.batches} batches of {cfg.batch_size} per rank x {dist.world_size} rank(s), {self.windows} "
@@ -412,6 +416,8 @@ class StageRun:
         except Exception as error:
             self.fail(error)
             raise
+        finally:
+            self.tracker.close()
         return self.finish()
 
     def start_epoch(self, epoch):
@@ -476,6 +482,7 @@ class StageRun:
         if self.logger is not None:
             for record in self.window_records:
                 self.logger.step(record)
+                self.tracker.step(record)
         self.window_records = []
         self.stop_if_asked()
         if progress.bad_in_row >= cfg.max_bad_steps_in_row:
@@ -544,6 +551,7 @@ class StageRun:
         progress.history.append(entry)
         if self.logger is not None:
             self.logger.epoch(entry, cfg.epochs)
+            self.tracker.epoch(entry)
         progress.next_epoch()
         self.mark_boundary()
         path = self.save("epoch", checkpoint.epoch_path(self.log_dir, stage.name, epoch + 1))
@@ -569,6 +577,7 @@ class StageRun:
         self.progress.history.append(entry)
         if self.logger is not None:
             self.logger.epoch(entry, self.cfg.epochs)
+            self.tracker.epoch(entry)
         self.console.base_summary(self.stage.name, entry)
 
     def finish(self):
