@@ -7,6 +7,7 @@ last group, and its name is the name the speed code reads (clamp3_lora/speed/). 
 means a field here and the code that uses it.
 """
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 
 @dataclass
@@ -193,16 +194,26 @@ DEMO_BASE = "demo/base/clamp3_demo_base.pth"
 """The demo's pretrained base (tools/make_demo_base.py; demo/base/PROVENANCE.md), an official-layout checkpoint."""
 
 
+def demo_path(relative):
+    """A demo file as seen from here: the relative path when the folder run from holds demo/ (the
+    repository root), else the path inside the repository this package lives in, so --demo works
+    from any folder of a checkout."""
+    if Path(relative).exists():
+        return relative
+    beside = Path(__file__).resolve().parent.parent / relative
+    return str(beside) if beside.exists() else relative
+
+
 def demo_overrides():
     """Settings that --demo applies over the defaults (explicit flags still win)."""
     return dict(
-        weights=DEMO_BASE,
+        weights=demo_path(DEMO_BASE),
         preset="",
-        text_model="demo/tokenizer",
-        abc_train="demo/abc_train.jsonl",
-        abc_eval="demo/abc_eval.jsonl",
-        mtf_train="demo/mtf_train.jsonl",
-        mtf_eval="demo/mtf_eval.jsonl",
+        text_model=demo_path("demo/tokenizer"),
+        abc_train=demo_path("demo/abc_train.jsonl"),
+        abc_eval=demo_path("demo/abc_eval.jsonl"),
+        mtf_train=demo_path("demo/mtf_train.jsonl"),
+        mtf_eval=demo_path("demo/mtf_eval.jsonl"),
         epochs=20,
         batch_size=16,
         warmup_steps=5,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DEMO_BASE
+from .config import DEMO_BASE, demo_path
 from .errors import CheckpointError, Clamp3LoraError
 from .logs import atomic_write_bytes
 from .model import load_model, read_adapter
@@ -69,7 +69,7 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="the merged checkpoint to write (.pth)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
-    weights = args.weights or (DEMO_BASE if args.demo else None)
+    weights = args.weights or (demo_path(DEMO_BASE) if args.demo else None)
     try:
         if weights is None:
             raise Clamp3LoraError("give --weights (the base checkpoint the adapter was trained on) or --demo")

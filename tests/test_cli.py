@@ -49,3 +49,14 @@ def test_an_unknown_device_is_one_clear_line():
     from clamp3_lora.errors import Clamp3LoraError
     with pytest.raises(Clamp3LoraError, match=r"unknown --device 'gpu': use cuda \(the default; cuda:N for one GPU\) or cpu"):
         resolve_device("gpu")
+
+
+def test_demo_paths_work_from_any_folder(tmp_path, monkeypatch):
+    """--demo started outside the repository root still finds the bundled demo (paths resolved
+    against the repository the package lives in); from the root they stay short and relative."""
+    from clamp3_lora.config import demo_overrides
+    assert demo_overrides()["abc_train"] == "demo/abc_train.jsonl"
+    monkeypatch.chdir(tmp_path)
+    settings = demo_overrides()
+    for name in ("weights", "text_model", "abc_train", "abc_eval", "mtf_train", "mtf_eval"):
+        assert Path(settings[name]).is_absolute() and Path(settings[name]).exists(), name
