@@ -15,6 +15,7 @@ one that is not installed is an error before any training.
 import importlib.util
 import json
 import math
+import secrets
 
 from .errors import Clamp3LoraError
 
@@ -58,7 +59,7 @@ class Tracker:
         if "wandb" in backends:
             import wandb
             id_file = log_dir / f"{stage}_wandb_id.txt"
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(8)
             id_file.write_text(run_id + "\n")
             self.run = wandb.init(project="clamp3-lora", name=f"{log_dir.parent.parent.name}-{stage}", id=run_id,
                                   resume="allow", dir=str(log_dir), config=json.loads(json.dumps(config, default=str)))

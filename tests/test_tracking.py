@@ -61,3 +61,20 @@ def test_scalars_flatten_the_log_records():
     entry = {"epoch": 2, "train_loss": 0.5, "metrics": {"t2m_mrr": 0.3}, "skipped": {"oom": 1}, "note": "x",
              "eval_loss": float("nan"), "base_model": True}
     assert tracking.scalars(entry) == {"epoch": 2.0, "train_loss": 0.5, "metrics/t2m_mrr": 0.3, "skipped/oom": 1.0}
+
+
+def test_wandb_offline_needs_no_account_and_a_resume_continues_the_same_run(tmp_path):
+    """W&B in offline mode (no account, no network): a run per stage, and the resumed job logs into
+    the run of the same id (its id kept in the logs folder). Runs where wandb is installed."""
+    pytest.importorskip("wandb")
+    workspace = make_workspace(tmp_path / "ws")
+    output = tmp_path / "out"
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    stopped = run_trainer(trainer_args(workspace, output, report_to="wandb", fault_inject="sigterm@6"), env=env)
+    assert stopped.returncode == 143, explain(stopped)
+    resumed = run_trainer(trainer_args(workspace, output, report_to="wandb", resume="auto"), env=env)
+    assert resumed.returncode == 0, explain(resumed)
+    run_id = (log_dir(output) / "ABC_wandb_id.txt").read_text().strip()
+    runs = sorted((log_dir(output) / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(run.name.endswith(f"-{run_id}") for run in runs), runs
+    assert all((run / f"run-{run_id}.wandb").stat().st_size > 0 for run in runs)
