@@ -208,7 +208,7 @@ def check(path, state, stage=None, identity=None, new_global_batch=False):
             if not new_global_batch:
                 raise CheckpointError(f"checkpoint {path} cannot continue here: "
                                       + "\n  ".join(world_size_change(state["identity"], identity)))
-            saved.pop("global_batch"), current.pop("global_batch")
+            del saved["global_batch"], current["global_batch"]
         differences = identity_differences(saved, current)
         if differences:
             raise CheckpointError(

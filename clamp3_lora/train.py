@@ -365,7 +365,7 @@ class StageRun:
         stands at in the epoch's order; the rest of the epoch is cut into this run's global batches."""
         progress, saved = self.progress, state["identity"]
         old = distributed.ResumableSampler(len(self.train_set), seed=self.cfg.seed, world_size=state["world_size"],
-                               batch_size=saved["batch_size"])
+                                           batch_size=saved["batch_size"])
         old.set_epoch(progress.epoch, progress.epoch_offset)
         done = old.samples_done(progress.batch)
         self.train_sampler.set_epoch(progress.epoch, done)
@@ -508,7 +508,7 @@ class StageRun:
         where the stage is, the epoch's mean loss so far, lr, samples/s, elapsed and remaining time."""
         progress, cfg = self.progress, self.cfg
         total = cfg.epochs * self.windows
-        seconds_per_step = progress.epoch_time / max(step_in_epoch - self.train_sampler.first_position, 1)
+        seconds_per_step = progress.epoch_time / max(step_in_epoch, 1)
         remaining = (total - (epoch * self.windows + step_in_epoch)) * seconds_per_step
         loss = progress.epoch_loss_sum / progress.epoch_loss_count if progress.epoch_loss_count else None
         memory = (f", GPU memory {torch.cuda.max_memory_allocated(self.dist.device) / 2 ** 30:.2f} GiB peak"
