@@ -22,12 +22,13 @@ class FakeHub(http.server.BaseHTTPRequestHandler):
     """HEAD/GET of /REPO/resolve/main/FILE with the headers huggingface_hub reads."""
     truncate = False
     downloads = 0
+    payload = PAYLOAD
 
     def send_file_headers(self):
         self.send_response(200)
         self.send_header("X-Repo-Commit", "c" * 40)
-        self.send_header("ETag", f'"{hashlib.sha256(PAYLOAD).hexdigest()}"')
-        self.send_header("Content-Length", str(len(PAYLOAD)))
+        self.send_header("ETag", f'"{hashlib.sha256(self.payload).hexdigest()}"')
+        self.send_header("Content-Length", str(len(self.payload)))
         self.end_headers()
 
     def do_HEAD(self):
@@ -40,7 +41,7 @@ class FakeHub(http.server.BaseHTTPRequestHandler):
             return self.send_error(404)
         type(self).downloads += 1
         self.send_file_headers()
-        self.wfile.write(PAYLOAD[: len(PAYLOAD) // 3] if self.truncate else PAYLOAD)
+        self.wfile.write(self.payload[: len(self.payload) // 3] if self.truncate else self.payload)
         self.close_connection = True
 
     def log_message(self, *args):
@@ -49,19 +50,23 @@ class FakeHub(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def hub():
-    FakeHub.truncate, FakeHub.downloads = False, 0
+    FakeHub.truncate, FakeHub.downloads, FakeHub.payload = False, 0, PAYLOAD
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
 
 
-def resolve(name, hub, home, offline=False):
+def hub_env(hub, home, offline=False):
     env = dict(os.environ, HF_ENDPOINT=hub, HF_HOME=str(home), HF_HUB_OFFLINE="1" if offline else "0",
-               HF_HUB_DISABLE_TELEMETRY="1")
+               HF_HUB_DISABLE_TELEMETRY="1", PYTHONIOENCODING="utf-8")
     env.pop("HF_HUB_CACHE", None)
-    return subprocess.run([sys.executable, "-c", "import sys\n" + RESOLVE, name], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=180)
+    return env
+
+
+def resolve(name, hub, home, offline=False):
+    return subprocess.run([sys.executable, "-c", "import sys\n" + RESOLVE, name], cwd=ROOT,
+                          env=hub_env(hub, home, offline), capture_output=True, text=True, timeout=180)
 
 
 def test_a_hub_name_is_downloaded_once_then_read_from_the_cache(hub, tmp_path):
@@ -117,3 +122,34 @@ def test_a_tokenizer_without_network_fails_at_once_naming_the_flag(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=60)
     assert "cannot be reached" in result.stdout and "--text-model" in result.stdout, result.stdout + result.stderr
+
+
+def test_the_preflight_says_where_hub_weights_come_from_and_uses_them(hub, tmp_path):
+    """The hub serves a tiny official-layout checkpoint: the preflight fetches it (first run), finds
+    it in the cache (second run), loads it and runs its dry step from it."""
+    import io
+
+    import torch
+    from clamp3_lora.model import PRESETS, Clamp3
+    from trainer_fixtures import make_workspace
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    torch.save({"model": Clamp3(PRESETS["tiny"]).state_dict(), "epoch": 1}, buffer)
+    FakeHub.payload = buffer.getvalue()
+    workspace = make_workspace(tmp_path / "ws", abc_train=4, abc_eval=2)
+    argv = ["--weights", "someone/models:tiny.pth", "--text-model", str(workspace["tokenizer"]), "--device", "cpu",
+            "--stages", "abc", "--abc-train", str(workspace["abc_train"]), "--abc-eval", str(workspace["abc_eval"]),
+            "--batch-size", "2", "--max-patches", "24", "--num-workers", "0", "--output-dir", str(tmp_path / "out")]
+
+    def preflight():
+        done = subprocess.run([sys.executable, "test_lora_setup.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                              env=hub_env(hub, tmp_path / "hf"), timeout=240)
+        return done.returncode, done.stdout + done.stderr
+
+    code, output = preflight()
+    assert code == 0, output
+    assert "✓ weights: someone/models:tiny.pth = hub file someone/models:tiny.pth: downloaded in" in output
+    assert "✓ ABC step: loss" in output and FakeHub.downloads == 1
+    code, output = preflight()
+    assert code == 0 and "in the Hugging Face cache: " + str(tmp_path / "hf") in output, output
+    assert FakeHub.downloads == 1
