@@ -341,6 +341,15 @@ def weights_source(report, name):
     if cached:
         report.ok("weights", f"{name} = hub file {repo}:{filename}, in the Hugging Face cache: {cached}")
         return cached
+    unreachable = weights.hub_unreachable()
+    if not unreachable:
+        size, free = weights.download_plan(name)
+        if size is not None and size > free:
+            report.fail("weights", f"{name} = hub file {repo}:{filename} needs {size / GB:.2f} GB; the disk of the "
+                                   f"Hugging Face cache has {free / GB:.2f} GB free (set HF_HOME to a larger disk)")
+            return None
+        report.ok("disk for weights", f"{name}: {'?' if size is None else f'{size / GB:.2f}'} GB to download, "
+                                      f"{free / GB:.1f} GB free on the cache's disk")
     start = time.perf_counter()
     try:
         path = weights.resolve(name)

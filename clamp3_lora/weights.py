@@ -91,6 +91,22 @@ def hub_unreachable(timeout_s=3):
     return ""
 
 
+def download_plan(name):
+    """(bytes to download or None when the hub does not say, free bytes on the cache's disk) of a hub
+    name that is not cached yet, asked before downloading (the preflight reports it)."""
+    import shutil
+
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    repo, filename = hub_file(name)
+    try:
+        size = get_hf_file_metadata(hf_hub_url(repo, filename)).size
+    except Exception:  # the download that follows reports what is wrong, by name
+        size = None
+    cache = Path(constants.HF_HUB_CACHE)
+    cache.mkdir(parents=True, exist_ok=True)
+    return size, shutil.disk_usage(cache).free
+
+
 def cached(name):
     """The cached path of a hub name (None if not cached yet), or None for a local path."""
     found = hub_file(name)

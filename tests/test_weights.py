@@ -4,6 +4,7 @@ clear message, and a download cut off mid-file is refused and not kept."""
 import hashlib
 import http.server
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -149,6 +150,7 @@ def test_the_preflight_says_where_hub_weights_come_from_and_uses_them(hub, tmp_p
     code, output = preflight()
     assert code == 0, output
     assert "✓ weights: someone/models:tiny.pth = hub file someone/models:tiny.pth: downloaded in" in output
+    assert re.search(r"✓ disk for weights: someone/models:tiny\.pth: 0\.0\d GB to download, [\d.]+ GB free", output), output
     assert "✓ ABC step: loss" in output and FakeHub.downloads == 1
     code, output = preflight()
     assert code == 0 and "in the Hugging Face cache: " + str(tmp_path / "hf") in output, output
