@@ -31,7 +31,6 @@ Writes go to a temporary file in the same folder, are flushed and fsynced, renam
 target, and the folder is fsynced: a crash during a save leaves the previous file intact. Loads
 check everything before anything is applied, so a bad file is refused whole, never half-loaded.
 """
-import io
 import json
 import random
 import re
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError
-from .logs import atomic_write_bytes, atomic_write_json
+from .logs import atomic_torch_save, atomic_write_json
 
 FORMAT = "clamp3-lora-training-checkpoint"
 VERSION = 1
@@ -117,9 +116,7 @@ def save(path, state):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = dict(state, format=FORMAT, version=VERSION, saved_at=time.time(), torch=str(torch.__version__))
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_torch_save(path, state)
     return path
 
 

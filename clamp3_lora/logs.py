@@ -7,6 +7,7 @@ For stage "ABC" in log_dir (rank 0 only writes them):
     ABC_curves.png      loss and retrieval-metric curves, redrawn every epoch
 The history JSON and the PNG are replaced atomically, so a crash never leaves them half written.
 """
+import hashlib
 import io
 import json
 import math
@@ -44,6 +45,22 @@ def atomic_write_bytes(path, data):
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_folder(path.parent)
+
+
+def atomic_torch_save(path, obj):
+    """torch.save of `obj` to `path`, atomically (atomic_write_bytes)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def file_sha256(path):
+    """The sha256 hex digest of a file's content, read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def fsync_folder(folder):

@@ -9,7 +9,6 @@ keys and any other entry of the file ("epoch", ...) pass through unchanged. The 
 and this project's `load_model`, load it as plain weights and compute base + adapter.
 """
 import argparse
-import io
 import re
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 
 from .config import DEMO_BASE, demo_path
 from .errors import CheckpointError, Clamp3LoraError
-from .logs import atomic_write_bytes
+from .logs import atomic_torch_save
 from .model import load_model, read_adapter
 from .weights import resolve as resolve_weights
 
@@ -81,19 +80,13 @@ def main(argv=None):
             raise CheckpointError(f"checkpoint not found: {weights}")
         checkpoint, changed = merged_checkpoint(weights, args.adapter)
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out, _serialise(checkpoint))
+        atomic_torch_save(out, checkpoint)
     except Clamp3LoraError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"✓ {out}: {args.adapter} merged into {weights} ({len(changed)} weight tensors of the symbolic encoder "
           f"changed, every other entry as it was)")
     return 0
-
-
-def _serialise(checkpoint):
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    return buffer.getvalue()
 
 
 if __name__ == "__main__":

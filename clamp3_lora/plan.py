@@ -4,14 +4,13 @@ Decided on rank 0 and shared with every rank before the stage starts (see --resu
 `plan_stage` returns a Plan; the stage's identity (everything its numbers depend on) must match a
 checkpoint's for the checkpoint to be continued.
 """
-import hashlib
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 from . import checkpoint, distributed
 from .console import format_value
 from .errors import CheckpointError, Clamp3LoraError, DataError
+from .logs import file_sha256
 from .model import base_checkpoint_identity
 
 
@@ -68,11 +67,7 @@ def file_identity(path):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(partial(handle.read, 1 << 20), b""):
-            digest.update(chunk)
-    return {"name": path.name, "size": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"name": path.name, "size": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def resume_path_stage(cfg, dist):

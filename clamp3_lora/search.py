@@ -12,8 +12,6 @@ hash and by the model (base weights, adapter, segment length), so a second query
 pieces encodes nothing new. Files that cannot be read are skipped and listed, never a crash.
 """
 import argparse
-import hashlib
-import io
 import json
 import os
 import re
@@ -26,7 +24,8 @@ from .data import scan_data_file
 from .errors import Clamp3LoraError
 from .evaluate import (add_model_flags, apply_defaults, build_model, check_segment_lengths, encode_sequences,
                        read_pieces, resolve_device, text_token_ids, with_adapter)
-from .logs import atomic_write_bytes
+from .logs import atomic_torch_save, file_sha256
+from .model import base_checkpoint_identity
 from .mtf import MIDI_SUFFIXES
 from .precision import default_for
 from .prepare import find_files
@@ -63,24 +62,15 @@ def abc_title(path):
     return match.group(1).strip() if match else ""
 
 
-def model_key(args):
-    """What the features depend on besides the file's content: weights, adapter, segment length."""
-    parts = [f"weights={args.weights or 'preset:' + args.preset + ':' + str(args.seed)}",
-             f"patches={args.max_patches}"]
-    if args.weights and Path(args.weights).is_file():
-        parts.append(f"weights_sha={file_hash(args.weights)}")
+def model_key(args, weights):
+    """What the features depend on besides the file's content: the base weights (the project's cheap
+    checkpoint identity, not a hash of gigabytes on every query), the adapter, the segment length."""
+    base = (base_checkpoint_identity(weights)["sha256_head_tail"] if weights
+            else f"preset:{args.preset}:{args.seed}")
+    parts = [f"weights={base}", f"patches={args.max_patches}"]
     if args.adapter:
-        parts += [f"adapter={Path(args.adapter).resolve()}",
-                  f"adapter_sha={file_hash(Path(args.adapter) / 'adapter_model.safetensors')}"]
+        parts.append(f"adapter={file_sha256(Path(args.adapter) / 'adapter_model.safetensors')}")
     return ";".join(parts)
-
-
-def file_hash(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_cache(path):
@@ -97,11 +87,11 @@ def music_features(model, files, args, device, precision):
     """({path: feature}, [errors], encoded count) of the files, from the cache where it has them."""
     cache_path = Path(args.cache)
     cache = load_cache(cache_path)
-    known = cache.setdefault(model_key(args), {})
+    known = cache.setdefault(model_key(args, model.base_checkpoint.get("path")), {})
     hashes, errors = {}, []
     for path in files:
         try:
-            hashes[path] = file_hash(path)
+            hashes[path] = file_sha256(path)
         except OSError as error:
             errors.append(f"{path}: {error.strerror or error}")
     missing = [path for path, digest in hashes.items() if digest not in known]
@@ -113,9 +103,7 @@ def music_features(model, files, args, device, precision):
                                    device, precision, "music", not args.quiet)
         known.update({hashes[path]: feature for path, feature in zip(good, encoded)})
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        torch.save(cache, buffer)
-        atomic_write_bytes(cache_path, buffer.getvalue())
+        atomic_torch_save(cache_path, cache)
     features = {path: known[digest] for path, digest in hashes.items() if digest in known}
     return features, errors, len(good)
 
